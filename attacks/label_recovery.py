@@ -1,0 +1,117 @@
+"""Label recovery from the classifier's gradient.
+
+- Single image, iDLG (Zhao, Mopuri, Bilen, "iDLG: Improved Deep Leakage from Gradients",
+  2020): with cross-entropy and non-negative penultimate features h, row k of the
+  last layer's weight gradient is (p_k - y_k) h, negative only for the true class:
+  the label is the argmin of the row sums.
+- Batch counts (the bias/weight count estimate of Wainakh et al., "User-Level Label
+  Leakage from Gradients in Federated Learning", PETS 2022, and Geng et al., "Towards
+  General Deep Leakage in Federated Learning", 2021): the bias gradient is
+  mean_n p_nk - n_k / B, so n_k ~= B (p_bar_k - g_k), with p_bar the model's mean
+  softmax estimated on uninformative probe inputs; every class with a negative bias
+  gradient is present at least once, the rest is filled by largest remainder.
+  Without a bias, weight-row sums divided by the mean feature sum stand in.
+- Soft labels (Wang et al., "Towards Eliminating Hard Label Constraints in Gradient
+  Inversion Attacks", ICLR 2024): for one sample, dW = (p - y) x^T and db = p - y, so
+  the feature is x = lambda * r for a weight-gradient row r; lambda is found by L-BFGS
+  (least squares of dW against db (lambda r)^T), then y = softmax(W x + b) - db.
+  This recovers label smoothing and mixup labels exactly when the bias is trained.
+
+For a multi-step update the negated update divided by (lr * steps) stands in for the
+gradient (exact for one step, an average over the trajectory otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .observation import Observation
+
+
+def _last_layer_gradient(obs: Observation) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _, linear, w_idx = obs.last_linear()
+    upload = obs.upload()
+    scale = 1.0 if obs.gradients is not None else -1.0 / (obs.lr * obs.local_steps)
+    g_w = upload[w_idx] * scale
+    g_b = None
+    if linear.bias is not None:
+        names = [n for n, _ in obs.model.named_parameters()]
+        weight_name = names[w_idx]
+        bias_name = weight_name[: -len("weight")] + "bias"
+        g_b = upload[names.index(bias_name)] * scale
+    return g_w, g_b
+
+
+def idlg_label(obs: Observation) -> torch.Tensor:
+    """The label of a single image (iDLG). Returns a (1,) int64 tensor."""
+    g_w, _ = _last_layer_gradient(obs)
+    return g_w.sum(dim=1).argmin().reshape(1)
+
+
+def _mean_probe_softmax(obs: Observation, probes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = obs.data_range
+    x = lo + (hi - lo) * torch.rand(probes, *obs.input_shape, generator=gen)
+    _, linear, _ = obs.last_linear()
+    feats = []
+    hook = linear.register_forward_hook(lambda m, inp, out: feats.append(inp[0]))
+    try:
+        with torch.no_grad():
+            probs = torch.softmax(obs.model(x), dim=-1)
+    finally:
+        hook.remove()
+    return probs.mean(0), feats[0].sum(dim=1).mean()
+
+
+def batch_label_counts(obs: Observation, *, probes: int = 64, seed: int = 0) -> torch.Tensor:
+    """Estimated number of samples per class (int64, sums to the batch size)."""
+    batch = obs.batch_size
+    g_w, g_b = _last_layer_gradient(obs)
+    p_bar, feature_sum = _mean_probe_softmax(obs, probes, seed)
+    if g_b is None:
+        g_b = g_w.sum(dim=1) / feature_sum.clamp_min(1e-12)
+    estimate = batch * (p_bar - g_b)
+    counts = torch.zeros(obs.num_classes, dtype=torch.int64)
+    present = torch.nonzero(g_b < 0).flatten()
+    present = present[torch.argsort(g_b[present])][:batch]  # most negative first
+    counts[present] = 1
+    for _ in range(batch - int(counts.sum())):
+        counts[torch.argmax(estimate - counts.to(estimate.dtype))] += 1
+    return counts
+
+
+def batch_labels(obs: Observation, **kwargs) -> torch.Tensor:
+    """The recovered label multiset, sorted (batch recovery cannot order samples)."""
+    if obs.batch_size == 1:
+        return idlg_label(obs)
+    counts = batch_label_counts(obs, **kwargs)
+    return torch.repeat_interleave(torch.arange(obs.num_classes), counts)
+
+
+def soft_label(obs: Observation, *, max_iter: int = 100) -> torch.Tensor:
+    """Soft label of a single sample (Wang et al., ICLR 2024). Returns (1, K)."""
+    if obs.batch_size != 1:
+        raise ValueError("analytic soft-label recovery needs batch size 1")
+    g_w, g_b = _last_layer_gradient(obs)
+    if g_b is None:
+        raise ValueError("analytic soft-label recovery needs the last layer's bias gradient")
+    _, linear, _ = obs.last_linear()
+    # x = lambda * r for the row r whose bias entry is largest in magnitude; start from
+    # the row's own ratio and refine lambda by L-BFGS against all rows.
+    k = torch.argmax(g_b.abs())
+    row = g_w[k]
+    lam = (1.0 / g_b[k]).detach().clone().reshape(1).requires_grad_(True)
+    scale = (g_w.norm() + 1e-12)
+    opt = torch.optim.LBFGS([lam], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ((g_w - torch.outer(g_b, lam * row)) / scale).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    x = lam.detach() * row
+    with torch.no_grad():
+        p = torch.softmax(linear(x.unsqueeze(0)), dim=-1)
+    return (p - g_b.unsqueeze(0)).clamp_min(0.0)

@@ -1,0 +1,183 @@
+"""The threat model: what an honest-but-curious server observes of one client.
+
+Breaching (Geiping et al., "Inverting Gradients - How easy is it to break privacy in
+federated learning?", NeurIPS 2020, code ``breaching/cases``) separates the *case* (who
+holds what, what travels) from the *attack* (how to reconstruct). This module is the
+case side as data: an :class:`Observation` holds only things the server really has -
+the model it sent with those parameters, the decoded upload (a single-batch gradient
+or a multi-step weight update), the training settings it sent, the batch size, labels
+if the threat model grants them, and the model's dropout rate. It never holds the
+client's data; scoring against ground truth happens outside (``attacks.metrics``).
+
+Conventions:
+- images live in [0, 1] with shape (C, H, W); the model takes them as they are;
+- ``gradients`` are d(mean cross-entropy over the batch)/d(parameter), one tensor per
+  trainable parameter in ``model.named_parameters()`` order (or a dict by name);
+- ``update`` is the weight delta ``w_after_local_training - w_sent``, same layout;
+- local training is plain SGD: ``local_steps`` steps of lr ``lr`` on consecutive
+  slices of ``local_batch_size`` samples of the client's ``num_samples`` samples
+  (wrapping around), which is what the server configured.
+
+Depends on torch only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+THREATS = ("gradient", "update")
+
+
+def _as_list(values, names: list[str], what: str) -> list[torch.Tensor]:
+    if isinstance(values, Mapping):
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"{what} is missing parameters: {', '.join(missing[:5])}")
+        values = [values[n] for n in names]
+    values = [torch.as_tensor(v, dtype=torch.float32).detach().clone() for v in values]
+    if len(values) != len(names):
+        raise ValueError(f"{what} has {len(values)} tensors, the model has {len(names)} parameters")
+    return values
+
+
+@dataclass
+class Observation:
+    """What the server sees of one client for one round.
+
+    Build it with :meth:`from_gradients` or :meth:`from_update`; both accept plain
+    objects (a torch model or a state_dict plus a model, lists or dicts of tensors).
+    """
+
+    model: nn.Module
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    batch_size: int
+    gradients: list[torch.Tensor] | None = None
+    update: list[torch.Tensor] | None = None
+    lr: float = 0.0
+    local_steps: int = 1
+    local_batch_size: int | None = None
+    num_samples: int | None = None
+    labels: torch.Tensor | None = None
+    dropout: float = 0.0
+    data_range: tuple[float, float] = (0.0, 1.0)
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def _prepare(cls, model: nn.Module, state_dict) -> nn.Module:
+        model = copy.deepcopy(model)
+        if state_dict is not None:
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
+    @classmethod
+    def from_gradients(
+        cls,
+        model: nn.Module,
+        gradients: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        batch_size: int,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        labels: Sequence[int] | torch.Tensor | None = None,
+        dropout: float = 0.0,
+        **meta,
+    ) -> "Observation":
+        """A single-batch gradient at the model's (or ``state_dict``'s) parameters."""
+        model = cls._prepare(model, state_dict)
+        names = [n for n, _ in model.named_parameters()]
+        obs = cls(model=model, input_shape=tuple(int(s) for s in input_shape),
+                  num_classes=int(num_classes), batch_size=int(batch_size),
+                  gradients=_as_list(gradients, names, "gradients"),
+                  labels=None if labels is None else torch.as_tensor(labels, dtype=torch.int64),
+                  dropout=float(dropout), meta=dict(meta))
+        obs.validate()
+        return obs
+
+    @classmethod
+    def from_update(
+        cls,
+        model: nn.Module,
+        update: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        *,
+        lr: float,
+        local_steps: int,
+        input_shape: Sequence[int],
+        num_classes: int,
+        num_samples: int,
+        local_batch_size: int | None = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        labels: Sequence[int] | torch.Tensor | None = None,
+        dropout: float = 0.0,
+        **meta,
+    ) -> "Observation":
+        """A multi-step weight delta ``w_after - w_sent`` with the local SGD settings."""
+        model = cls._prepare(model, state_dict)
+        names = [n for n, _ in model.named_parameters()]
+        obs = cls(model=model, input_shape=tuple(int(s) for s in input_shape),
+                  num_classes=int(num_classes), batch_size=int(num_samples),
+                  update=_as_list(update, names, "update"), lr=float(lr),
+                  local_steps=int(local_steps),
+                  local_batch_size=int(local_batch_size or num_samples),
+                  num_samples=int(num_samples),
+                  labels=None if labels is None else torch.as_tensor(labels, dtype=torch.int64),
+                  dropout=float(dropout), meta=dict(meta))
+        obs.validate()
+        return obs
+
+    # ------------------------------------------------------------------ views
+    @property
+    def threat(self) -> str:
+        return "gradient" if self.gradients is not None else "update"
+
+    @property
+    def labels_known(self) -> bool:
+        return self.labels is not None
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters as the server sent them (detached)."""
+        return {n: p.detach() for n, p in self.model.named_parameters()}
+
+    def upload(self) -> list[torch.Tensor]:
+        return self.gradients if self.gradients is not None else self.update
+
+    def last_linear(self) -> tuple[str, nn.Linear, int]:
+        """(name, module, index of its weight in the parameter list) of the classifier."""
+        names = [n for n, _ in self.model.named_parameters()]
+        last = None
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                last = (name, module)
+        if last is None:
+            raise ValueError("the model has no linear layer to read labels from")
+        prefix = f"{last[0]}." if last[0] else ""
+        return last[0], last[1], names.index(prefix + "weight")
+
+    def validate(self) -> None:
+        if (self.gradients is None) == (self.update is None):
+            raise ValueError("an observation holds either gradients or an update")
+        if len(self.input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        if self.update is not None:
+            if self.lr <= 0 or self.local_steps < 1:
+                raise ValueError("an update needs lr > 0 and local_steps >= 1")
+            if not 1 <= (self.local_batch_size or 0) <= (self.num_samples or 0):
+                raise ValueError("need 1 <= local_batch_size <= num_samples")
+        for obs_t, (name, p) in zip(self.upload(), self.model.named_parameters()):
+            if obs_t.shape != p.shape:
+                raise ValueError(f"upload for {name} has shape {tuple(obs_t.shape)}, expected {tuple(p.shape)}")
+        if self.labels is not None and self.labels.numel() != self.batch_size:
+            raise ValueError("labels must have one entry per sample")
