@@ -1,0 +1,95 @@
+"""Command line: ``python -m fedsim SCENARIO.yaml [--set k.p=v ...] [--out DIR]`` runs a
+scenario; ``python -m fedsim validate SCENARIO.yaml`` only checks it.
+
+Bad input (file, keys, values, data that cannot be loaded) is one line on stderr and exit
+code 2, before any output directory exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        print(f"fedsim: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _parser(validate: bool) -> argparse.ArgumentParser:
+    p = _Parser(prog="fedsim validate" if validate else "fedsim",
+                description="Check a scenario." if validate else "Run a federated-learning scenario.")
+    p.add_argument("scenario", help="scenario YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a scenario key (repeatable), e.g. --set train.rounds=5")
+    if not validate:
+        p.add_argument("--out", help="output directory (default: output.dir or runs/<name>)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def prepare(path: str, overrides: list[str]):
+    """Validate scenario and data before anything is written; raise ScenarioError on bad input."""
+    from .data import DataError
+    from .scenario import ScenarioError, load_scenario
+    from .world import world_from_text
+
+    scenario = load_scenario(path, overrides)
+    try:
+        world_from_text(scenario.to_yaml())  # cached: the run reuses it
+    except (DataError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ScenarioError(msg if msg.startswith("data") else f"data: {msg}") from None
+    return scenario
+
+
+def _print_table(summary: dict, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedsim: {summary['name']}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("final accuracy", f"{summary['accuracy']:.4f}")
+    table.add_row("best accuracy", f"{summary['best_accuracy']:.4f}")
+    table.add_row("rounds", str(summary["rounds"]))
+    table.add_row("bytes up", f"{summary['bytes_up_total'] / 1e6:.2f} MB")
+    table.add_row("bytes down", f"{summary['bytes_down_total'] / 1e6:.2f} MB")
+    table.add_row("client failures", str(summary["failures_total"]))
+    table.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    table.add_row("results", str(out_dir))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    validate = bool(argv) and argv[0] == "validate"
+    args = _parser(validate).parse_args(argv[1:] if validate else argv)
+    from .scenario import ScenarioError
+
+    try:
+        scenario = prepare(args.scenario, args.overrides)
+    except ScenarioError as exc:
+        print(f"fedsim: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if validate:
+        print(f"{args.scenario}: ok ({scenario.name}, {scenario.data.num_clients} clients, "
+              f"{scenario.strategy.name}, {scenario.train.rounds} rounds, engine {scenario.engine.name})")
+        return 0
+
+    from .engines import run_scenario
+
+    out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
+    try:
+        summary = run_scenario(scenario, out_dir, progress=scenario.output.progress and not args.quiet)
+    except KeyboardInterrupt:
+        print(f"fedsim: interrupted; rounds completed so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
+        return 130
+    _print_table(summary, out_dir)
+    return 0

@@ -1,0 +1,81 @@
+"""Run outputs: metrics.jsonl (a line per round), summary.json, the resolved scenario, curves.
+
+Every file is written atomically (temporary file in the same folder, then rename), and
+metrics.jsonl is rewritten after each round, so an interrupted run keeps every round
+it already reported and never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class ResultsWriter:
+    """Owns one run directory."""
+
+    def __init__(self, out_dir: str | Path, scenario_yaml: str):
+        self.dir = Path(out_dir)
+        self.rows: list[dict[str, Any]] = []
+        atomic_write(self.dir / "scenario.yaml", scenario_yaml)
+        atomic_write(self.dir / "metrics.jsonl", "")
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        self.rows.append(_clean(row))
+        atomic_write(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def finish(self, summary: dict[str, Any], plot: bool = True) -> None:
+        atomic_write(self.dir / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")
+        if plot and self.rows:
+            self.plot_accuracy()
+
+    def plot_accuracy(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        ax.plot([r["round"] for r in self.rows], [r["accuracy"] for r in self.rows], marker=".")
+        ax.set_xlabel("round")
+        ax.set_ylabel("central test accuracy")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".accuracy.", suffix=".png")
+        os.close(fd)
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.dir / "accuracy.png")
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    text = (Path(out_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,251 @@
+"""The scenario file: a typed schema (pydantic) that rejects bad input before anything runs.
+
+A scenario says what to train (``data``, ``model``), how (``strategy``, ``train``,
+``upload``, ``defense``), where (``engine``) and what to audit (``audit``). Every model
+forbids unknown keys, so a typo is an error naming its key path, never a silent default.
+Strategy hyperparameters live beside ``strategy.name`` and are validated by the
+strategy's own parameter model from the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ScenarioError(ValueError):
+    """A scenario (file, override or value) that cannot run; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(_Strict):
+    name: Literal["iid", "dirichlet", "inner_dirichlet", "pathological", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, inner_dirichlet)")
+    classes_per_client: int = Field(2, ge=1, description="k classes per client (pathological)")
+    shards_per_client: int = Field(2, ge=1, description="shards per client (shards)")
+    min_partition_size: int = Field(2, ge=0, description="resample until every client has this many (dirichlet)")
+
+
+class SyntheticConfig(_Strict):
+    classes: int = Field(10, ge=2)
+    channels: int = Field(1, ge=1, le=3)
+    size: int = Field(16, ge=4, le=64)
+    train: int = Field(2000, ge=10)
+    test: int = Field(500, ge=10)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits", "synthetic", "patches", "mnist", "cifar10"] = "digits"
+    root: str | None = None
+    source: Literal["local", "hub"] = "local"
+    image_size: int | None = Field(None, ge=4, le=256)
+    num_clients: int = Field(10, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    partition: PartitionConfig = PartitionConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(_Strict):
+    name: Literal["mlp", "lenet", "cnn", "resnet18"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init: Literal["default", "uniform"] = "default"
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError("hidden layer widths must be >= 1")
+        return v
+
+
+class StrategyConfig(BaseModel):
+    """``name`` plus that strategy's hyperparameters (checked against the registry)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "fedavg"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(_Strict):
+    rounds: int = Field(10, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    lr_decay: float = Field(1.0, gt=0, le=1, description="lr multiplier per round")
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    participation: float = Field(1.0, gt=0, le=1, description="fraction of clients per round")
+    sampling: Literal["fixed", "bernoulli"] = Field(
+        "fixed", description="fixed: round(participation*N) clients; bernoulli: each client with p"
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="join an existing Ray cluster (e.g. 'auto')")
+    num_cpus_per_client: float = Field(1.0, gt=0)
+    num_actors: int | None = Field(None, ge=1, description="default: as many as CPUs allow")
+
+
+class EngineConfig(_Strict):
+    name: Literal["inline", "ray"] = "inline"
+    ray: RayConfig = RayConfig()
+    timeout_s: float = Field(3600.0, gt=0, description="per-round wait for replies")
+    torch_threads: int = Field(
+        1, ge=1, description="torch intra-op threads per client process; 1 is fastest for small models "
+        "and gives bit-identical results on every engine")
+
+
+class OutputConfig(_Strict):
+    dir: str | None = Field(None, description="default runs/<name>")
+    plot: bool = True
+    progress: bool = True
+
+
+def _none_section(v: Any) -> Any:
+    if v is None or v == "none":
+        return "none"
+    raise ValueError("only 'none' is supported in this version")
+
+
+class Scenario(_Strict):
+    name: str = Field("scenario", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    train: TrainConfig = TrainConfig()
+    upload: Any = "none"
+    defense: Any = "none"
+    audit: Any = "none"
+    engine: EngineConfig = EngineConfig()
+    output: OutputConfig = OutputConfig()
+
+    _check_upload = field_validator("upload", "defense", "audit", mode="before")(
+        lambda cls, v: _none_section(v)
+    )
+
+    @model_validator(mode="after")
+    def _strategy_known(self) -> "Scenario":
+        from strategies import get_strategy
+
+        try:
+            spec = get_strategy(self.strategy.name)
+        except KeyError as exc:
+            raise _PathError(("strategy", "name"), str(exc.args[0])) from None
+        try:
+            spec.params(**self.strategy.params())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise _PathError(("strategy", *map(str, err["loc"])), _describe(err, spec.params)) from None
+        return self
+
+    def strategy_params(self) -> BaseModel:
+        from strategies import get_strategy
+
+        spec = get_strategy(self.strategy.name)
+        return spec.params(**self.strategy.params())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class _PathError(ValueError):
+    def __init__(self, loc: tuple[str, ...], msg: str):
+        super().__init__(msg)
+        self.loc, self.msg = loc, msg
+
+
+def _describe(err: dict, model: type[BaseModel] | None = None) -> str:
+    if err["type"] == "extra_forbidden" and model is not None:
+        return f"unknown key; allowed: {', '.join(model.model_fields)}"
+    msg = err["msg"]
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _model_at(loc: tuple, root: type[BaseModel] = Scenario) -> type[BaseModel] | None:
+    """The pydantic model whose field list explains an error at ``loc``."""
+    model: Any = root
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def parse_scenario(raw: Any) -> Scenario:
+    """Validate a mapping; raise ScenarioError with one line naming the key path."""
+    if not isinstance(raw, dict):
+        raise ScenarioError("scenario must be a mapping of sections (name, seed, data, model, ...)")
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ctx = err.get("ctx", {}) or {}
+        inner = ctx.get("error")
+        if isinstance(inner, _PathError):
+            raise ScenarioError(f"{'.'.join(inner.loc)}: {inner.msg}") from None
+        loc = tuple(str(p) for p in err["loc"])
+        path = ".".join(loc) or "scenario"
+        raise ScenarioError(f"{path}: {_describe(err, _model_at(loc))}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b.c=value`` overrides (value parsed as YAML) to a raw mapping."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ScenarioError(f"--set {item!r}: expected key.path=value")
+        path, _, text = item.partition("=")
+        keys = [k for k in path.strip().split(".")]
+        if not all(keys):
+            raise ScenarioError(f"--set {item!r}: empty key in path")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ScenarioError(f"--set {item!r}: value is not valid YAML") from None
+        node = out
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return out
+
+
+def load_raw(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ScenarioError(f"scenario file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ScenarioError(f"{p}: not valid YAML{where}") from None
+    if raw is None:
+        raise ScenarioError(f"{p}: the file is empty")
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{p}: top level must be a mapping of sections")
+    return raw
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    return parse_scenario(apply_overrides(load_raw(path), overrides or []))
+
+
+def scenario_from_text(text: str) -> Scenario:
+    """Rebuild a scenario from its resolved YAML (how it reaches ClientApps)."""
+    return parse_scenario(yaml.safe_load(text))

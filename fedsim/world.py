@@ -1,0 +1,68 @@
+"""What a scenario resolves to in a process: the data set, each client's split, the model.
+
+Built once per process and cached by the scenario text (ClientApps in one worker
+process share it), so a round never reloads or re-partitions data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ImageDataset, load_dataset
+from .models import build_model
+from .partition import ClientSplit, partition_indices, train_val_split
+from .scenario import Scenario, scenario_from_text
+
+MODEL_STREAM, SPLIT_STREAM = 3, 4
+
+
+@dataclass
+class World:
+    scenario: Scenario
+    dataset: ImageDataset
+    splits: list[ClientSplit]
+
+    def new_model(self) -> nn.Module:
+        """The global model at round 0 (same weights in every process for one seed)."""
+        m = self.scenario.model
+        seed = int(np.random.default_rng([self.scenario.seed, MODEL_STREAM]).integers(2**62))
+        return build_model(m.name, self.dataset.channels, self.dataset.image_size, self.dataset.num_classes,
+                           dropout=m.dropout, hidden=tuple(m.hidden), init=m.init, seed=seed)
+
+    def client_tensors(self, partition_id: int) -> tuple[torch.Tensor, ...]:
+        split = self.splits[partition_id]
+        ds = self.dataset
+        return (ds.x_train[split.train], ds.y_train[split.train], ds.x_train[split.val], ds.y_train[split.val])
+
+
+def dataset_for(s: Scenario) -> ImageDataset:
+    d = s.data
+    return load_dataset(d.dataset, root=d.root, source=d.source, seed=s.seed, image_size=d.image_size,
+                        synthetic_classes=d.synthetic.classes, synthetic_channels=d.synthetic.channels,
+                        synthetic_size=d.synthetic.size, synthetic_train=d.synthetic.train,
+                        synthetic_test=d.synthetic.test)
+
+
+def build_world(s: Scenario) -> World:
+    ds = dataset_for(s)
+    p = s.data.partition
+    split_seed = int(np.random.default_rng([s.seed, SPLIT_STREAM]).integers(2**31))
+    parts = partition_indices(ds.y_train.numpy(), s.data.num_clients, p.name, seed=split_seed, alpha=p.alpha,
+                              classes_per_client=p.classes_per_client, shards_per_client=p.shards_per_client,
+                              min_partition_size=p.min_partition_size)
+    splits = [train_val_split(idx, s.data.val_fraction, split_seed + i) for i, idx in enumerate(parts)]
+    empty = [i for i, sp in enumerate(splits) if len(sp.train) == 0]
+    if empty:
+        raise ValueError(f"data.partition: client {empty[0]} gets no training samples "
+                         f"({len(empty)} clients empty); use fewer clients or a larger alpha/k")
+    return World(s, ds, splits)
+
+
+@lru_cache(maxsize=2)
+def world_from_text(scenario_yaml: str) -> World:
+    return build_world(scenario_from_text(scenario_yaml))
