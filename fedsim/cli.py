@@ -44,7 +44,8 @@ def prepare(path: str, overrides: list[str]):
         world_from_text(scenario.to_yaml())  # cached: the run reuses it
     except (DataError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ScenarioError(msg if msg.startswith("data") else f"data: {msg}") from None
+        # Data-layer messages start with the key under data. they concern (or none).
+        raise ScenarioError(f"data.{msg}" if ":" in msg.split(" ")[0] else f"data: {msg}") from None
     return scenario
 
 

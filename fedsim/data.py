@@ -83,7 +83,8 @@ def _load_cached(key: tuple) -> ImageDataset:
         if source == "hub":
             ds = _from_hub(name)
         elif root is None:
-            raise DataError(f"data set {name!r} needs data.root (a folder with its files) or data.source: hub")
+            raise DataError(f"root: data set {name!r} needs data.root (a folder with its files) "
+                            "or data.source: hub")
         else:
             ds = _mnist_local(Path(root)) if name == "mnist" else _cifar10_local(Path(root))
     else:

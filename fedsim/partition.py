@@ -43,7 +43,7 @@ def partition_indices(
     labels = np.asarray(labels)
     n = len(labels)
     if num_clients > n:
-        raise ValueError(f"{num_clients} clients but only {n} samples")
+        raise ValueError(f"num_clients: {num_clients} clients but only {n} training samples")
     order = np.random.default_rng(seed).permutation(n)
     table = datasets.Dataset.from_dict({"label": labels[order].tolist(), "idx": order.tolist()})
     if name == "iid":
@@ -57,12 +57,13 @@ def partition_indices(
     elif name == "pathological":
         num_classes = len(np.unique(labels))
         if classes_per_client > num_classes:
-            raise ValueError(f"classes_per_client {classes_per_client} exceeds the {num_classes} classes")
+            raise ValueError(f"partition.classes_per_client: {classes_per_client} exceeds the {num_classes} classes")
         part = P.PathologicalPartitioner(num_clients, "label", classes_per_client,
                                          class_assignment_mode="first-deterministic", seed=seed)
     elif name == "shards":
         if num_clients * shards_per_client > n:
-            raise ValueError(f"{num_clients * shards_per_client} shards but only {n} samples")
+            raise ValueError(f"partition.shards_per_client: {num_clients * shards_per_client} shards "
+                             f"but only {n} training samples")
         part = P.ShardPartitioner(num_clients, "label", num_shards_per_partition=shards_per_client, seed=seed)
     else:
         raise ValueError(f"unknown partition {name!r}")

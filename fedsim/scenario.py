@@ -146,7 +146,11 @@ class Scenario(_Strict):
             spec.params(**self.strategy.params())
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise _PathError(("strategy", *map(str, err["loc"])), _describe(err, spec.params)) from None
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(["name", *spec.params.model_fields])
+                raise _PathError(("strategy", *map(str, err["loc"])),
+                                 f"unknown key for {self.strategy.name}; allowed: {allowed}") from None
+            raise _PathError(("strategy", *map(str, err["loc"])), _describe(err)) from None
         return self
 
     def strategy_params(self) -> BaseModel:

@@ -58,7 +58,7 @@ def build_world(s: Scenario) -> World:
     splits = [train_val_split(idx, s.data.val_fraction, split_seed + i) for i, idx in enumerate(parts)]
     empty = [i for i, sp in enumerate(splits) if len(sp.train) == 0]
     if empty:
-        raise ValueError(f"data.partition: client {empty[0]} gets no training samples "
+        raise ValueError(f"partition: client {empty[0]} gets no training samples "
                          f"({len(empty)} clients empty); use fewer clients or a larger alpha/k")
     return World(s, ds, splits)
 

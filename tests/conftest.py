@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+import pytest  # noqa: E402
+
+from fedsim.scenario import parse_scenario  # noqa: E402
+
+
+def small_raw(**overrides):
+    """A small, fast scenario as a raw mapping (digits, 4 clients, 2 rounds)."""
+    raw = {
+        "name": "small",
+        "seed": 0,
+        "data": {"dataset": "digits", "num_clients": 4, "partition": {"name": "iid"}},
+        "model": {"name": "mlp", "hidden": [32]},
+        "strategy": {"name": "fedavg"},
+        "train": {"rounds": 2, "local_epochs": 1, "batch_size": 32, "lr": 0.1},
+        "output": {"plot": False, "progress": False},
+    }
+    for path, value in overrides.items():
+        node = raw
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return raw
+
+
+@pytest.fixture
+def small_scenario():
+    return lambda **kw: parse_scenario(small_raw(**kw))
