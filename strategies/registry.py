@@ -9,6 +9,10 @@ from .base import StrategySpec
 _MODULES = {
     "fedavg": "strategies.fedavg",
     "fedprox": "strategies.fedprox",
+    "scaffold": "strategies.scaffold",
+    "fedspeed": "strategies.fedspeed",
+    "fedce": "strategies.fedce",
+    "fedimpro": "strategies.fedimpro",
 }
 _EXTRA: dict[str, StrategySpec] = {}
 

@@ -1,0 +1,235 @@
+"""FedCE: aggregation weights from client contribution estimates in gradient and data space.
+
+Jiang, Wang, Dou, "Fair Federated Medical Image Segmentation via Client Contribution
+Estimation", CVPR 2023. Reference implementation: NVFlare ``research/fed-ce``
+(``FedCEAssembler.assemble`` on the server, ``get_minus_model`` in the client learner).
+
+Weights c_i start at 1/N. Every round, over the participants S with updates delta_i:
+- gradient space (server): D = sum_j c_j delta_j;  cos_i = cos(delta_i, D - c_i delta_i);
+  s_g,i = 1 - mean over the client's rounds so far of cos_i.
+- data space (client): the minus model theta_-i = (theta_global - c_i theta_i_last) / (1 - c_i)
+  is evaluated on the client's validation split (accuracy v_i);  s_d,i = 1 - mean of v_i
+  over its rounds so far. The client keeps theta_i_last and the v_i history in
+  ``Context.state`` and reports s_d,i with its upload.
+- normalise s_g and s_d to sum 1, clip at 1e-3, combine ``plus`` (s_g + s_d) or ``times``
+  (s_g * s_d), normalise, clip at 1e-3 -> a_i; new global = theta + sum_i a_i delta_i.
+
+A client whose update is *unlike* the others' (cos near -1), or whom the others' model
+serves badly (low v_i), gets a *larger* weight: FedCE rewards unique contributions
+(collaboration fairness), it is not a robust aggregator.
+
+Partial participation (the reference has every client every round):
+- the scores are normalised over this round's participants; a_i are their aggregation
+  weights; the stored contribution c (all N clients) takes a_i times the participants'
+  previous share of c and is renormalised to sum 1. With full participation c = a/sum(a).
+- the server tells each client the weight with which its last model entered the global
+  (``fedce.weight`` in a per-node ConfigRecord), so the minus model removes exactly that
+  contribution when the client trained in the previous round; after a gap it is the
+  paper's formula applied to a global that has moved on since.
+- round 1, or a client without a last model or validation data, has no s_d: if no
+  participant has one, s_g alone decides (the reference uses zeros, which ``times`` cannot);
+  otherwise a missing s_d is 0 in ``plus`` (as the reference) and neutral in ``times``.
+
+``consensus: uniform`` reproduces the reference's server, whose consensus direction
+always uses 1/N (it never stores the new coefficients); ``current`` (default) is the paper.
+
+Reported in metrics.jsonl every round: ``contribution`` (c by partition id, for every
+client seen so far), ``agg_weight`` (a_i of this round's participants), ``s_g``/``s_d``,
+and the performance-fairness spread: ``acc_spread`` (std) and ``acc_range`` (max - min)
+of the accuracy of the received global model on each participant's *own validation
+split*, as reported by the clients (the server never sees client data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, local_sgd
+from .stateful import DeltaStrategy, NDArrays, Reply, flat, load_state, save_state
+
+LAST_MODEL_KEY = "fedce.last_model"
+HISTORY_KEY = "fedce.history"
+MESSAGE_KEY = "fedce"
+CLIP = 1e-3
+
+
+class FedCEParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["plus", "times"] = Field("plus", description="combination of the two scores")
+    consensus: Literal["current", "uniform"] = Field(
+        "current", description="c in the consensus direction: current weights (paper) or 1/N (reference code)")
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+
+def gradient_cosines(deltas: list[np.ndarray], c: list[float]) -> list[float]:
+    """cos(delta_i, D - c_i delta_i) with D = sum_j c_j delta_j."""
+    consensus = sum(ci * d for ci, d in zip(c, deltas))
+    return [cosine(d, consensus - ci * d) for ci, d in zip(c, deltas)]
+
+
+def normalise_clip(x: np.ndarray) -> np.ndarray:
+    total = float(np.sum(x))
+    x = x / total if total > 0 else np.full(len(x), 1.0 / len(x))
+    return np.clip(x, CLIP, None)
+
+
+def combine(s_g: np.ndarray, s_d: np.ndarray | None, mode: str) -> np.ndarray:
+    """Aggregation weights from the two score vectors (s_d entries NaN where missing)."""
+    g = normalise_clip(np.asarray(s_g, dtype=np.float64))
+    if s_d is None or np.all(np.isnan(s_d)):
+        return normalise_clip(g)
+    d = np.asarray(s_d, dtype=np.float64)
+    if mode == "plus":
+        d = normalise_clip(np.nan_to_num(d, nan=0.0))
+        out = g + d
+    else:
+        d = np.where(np.isnan(d), np.nanmean(d), d)
+        out = g * normalise_clip(d)
+    return normalise_clip(out)
+
+
+def minus_model(global_sd: dict[str, torch.Tensor], last_sd: dict[str, torch.Tensor],
+                weight: float) -> dict[str, torch.Tensor]:
+    """theta_-i = (theta_global - c_i * theta_i_last) / (1 - c_i)."""
+    return {k: (g - weight * last_sd[k]) / (1.0 - weight) for k, g in global_sd.items()}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+    if len(y) == 0:
+        return float("nan")
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    return correct / len(y)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class FedCEStrategy(DeltaStrategy):
+    def __init__(self, params: FedCEParams, settings: ServerSettings):
+        super().__init__(settings)
+        self.params = params
+        n = settings.num_clients
+        self.c: dict[int, float] = {}            # node id -> contribution (default 1/N)
+        self.last_weight: dict[int, float] = {}  # node id -> aggregation weight when it last contributed
+        self.cos_history: dict[int, list[float]] = {}
+        self.partition: dict[int, int] = {}      # node id -> partition id, as clients report it
+        self.default_c = 1.0 / n
+        self._report: dict[str, Any] = {}
+
+    def coef(self, node: int) -> float:
+        return self.c.get(node, self.default_c)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if not self.c:
+            self.c = {int(n): self.default_c for n in grid.get_node_ids()}
+        out = []
+        for msg in super().configure_train(server_round, arrays, config, grid):
+            node = msg.metadata.dst_node_id
+            content = RecordDict({**msg.content,
+                                  MESSAGE_KEY: ConfigRecord({"weight": float(self.last_weight.get(node, 0.0))})})
+            out.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+        return out
+
+    def aggregate(self, server_round: int, global_arrays: NDArrays, replies: list[Reply]) -> NDArrays:
+        keys = [k for k, v in global_arrays.items() if np.issubdtype(v.dtype, np.floating)]
+        x = flat(global_arrays, keys)
+        deltas = [flat(r.arrays, keys) - x for r in replies]
+        nodes = [r.node_id for r in replies]
+        c = [self.default_c if self.params.consensus == "uniform" else self.coef(n) for n in nodes]
+        for n, cos in zip(nodes, gradient_cosines(deltas, c)):
+            self.cos_history.setdefault(n, []).append(cos)
+        s_g = np.array([1.0 - float(np.mean(self.cos_history[n])) for n in nodes])
+        s_d = np.array([r.metrics["fedce_sd"] if r.metrics.get("fedce_has_sd", 0.0) > 0 else math.nan
+                        for r in replies])
+        a = combine(s_g, s_d, self.params.mode)
+
+        share = sum(self.coef(n) for n in nodes)
+        for n, ai in zip(nodes, a):
+            self.c[n] = float(ai) * share
+            self.last_weight[n] = float(ai)
+        for r in replies:
+            self.partition[r.node_id] = int(r.metrics.get("partition-id", r.node_id))
+        total = sum(self.c.values())
+        self.c = {n: v / total for n, v in self.c.items()}
+
+        new = {}
+        for k, v in global_arrays.items():
+            if k in keys:
+                upd = sum(float(ai) * (r.arrays[k].astype(np.float64) - v) for ai, r in zip(a, replies))
+                new[k] = (v + upd).astype(v.dtype)
+            else:
+                new[k] = v
+        accs = [r.metrics["val_acc_global"] for r in replies if not math.isnan(r.metrics.get("val_acc_global", math.nan))]
+        pid = {n: str(self.partition[n]) for n in nodes}
+        self._report = {
+            "contribution": {str(self.partition[n]): round(self.c[n], 6)
+                             for n in sorted(self.partition, key=self.partition.get)},
+            "agg_weight": {pid[n]: round(float(ai), 6) for n, ai in zip(nodes, a)},
+            "s_g": {pid[n]: round(float(v), 6) for n, v in zip(nodes, s_g)},
+            "s_d": {pid[n]: (None if math.isnan(v) else round(float(v), 6)) for n, v in zip(nodes, s_d)},
+            "acc_spread": float(np.std(accs)) if accs else None,
+            "acc_range": float(np.max(accs) - np.min(accs)) if accs else None,
+        }
+        return new
+
+    def round_report(self, server_round: int) -> dict[str, Any]:
+        return dict(self._report)
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class FedCEClient(ClientAlgorithm):
+    params: FedCEParams
+
+    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
+              content: RecordDict, state: RecordDict) -> TrainResult:
+        global_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        acc_global = accuracy(model, data.x_val, data.y_val)  # performance fairness
+        weight = float(content[MESSAGE_KEY]["weight"]) if MESSAGE_KEY in content else 0.0
+        last = load_state(state, LAST_MODEL_KEY)
+        hist = state.get(HISTORY_KEY)
+        v_sum, v_count = (float(hist["v_sum"]), float(hist["v_count"])) if hist is not None else (0.0, 0.0)
+        if last is not None and 0.0 < weight < 1.0 and len(data.y_val) > 0:
+            model.load_state_dict(minus_model(global_sd, last, weight))
+            v_sum += accuracy(model, data.x_val, data.y_val)
+            v_count += 1
+            model.load_state_dict(global_sd)
+        state[HISTORY_KEY] = ConfigRecord({"v_sum": v_sum, "v_count": v_count})
+
+        metrics = local_sgd(model, data, settings)
+        save_state(state, LAST_MODEL_KEY, model.state_dict())
+        metrics.update({
+            "fedce_sd": 1.0 - v_sum / v_count if v_count else 0.0,
+            "fedce_has_sd": 1.0 if v_count else 0.0,
+            "val_acc_global": acc_global,
+            "partition-id": float(data.partition_id),
+        })
+        return TrainResult(metrics)
+
+
+SPEC = StrategySpec(
+    name="fedce",
+    params=FedCEParams,
+    server=lambda params, settings: FedCEStrategy(params, settings),
+    client=FedCEClient,
+)

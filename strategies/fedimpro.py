@@ -1,0 +1,234 @@
+"""FedImpro: train the high-level part on real plus shared, estimated feature distributions.
+
+Chen, Yao, Han, Li, Shi, Tang, Chu, Zhang, "FedImpro: Measuring and Improving Client
+Update in Federated Learning", ICLR 2024. Official code: ``FedImpro``
+(``trainers/spliter.py`` for the low/high split and the feature estimator).
+
+The model is split after a named block (``split_after``; ``auto`` picks ``layer2`` for
+ResNet-18, the paper's best split, ``conv2`` for the CNN and LeNet, ``hidden0`` for the
+MLP) into a low-level part (input -> features h) and a high-level part (h -> logits).
+
+Client (state in ``Context.state``: its per-class estimates, kept across rounds):
+- per-class diagonal Gaussian N(mu_c, sigma_c) of h, with moving averages over the
+  training minibatches:  mu_c <- (1 - w) mu_c + w mean(h_c),  sigma_c likewise with the
+  batch std,  w = min(1, n_c / N_pc), n_c the class's samples in the batch and N_pc its
+  samples on the client (``ema_count`` > 0 fixes N_pc instead), so one epoch's weights
+  sum to one. A class's first batch initialises its estimate (a zero start would bias
+  it towards 0); sigma needs a batch with at least two samples of the class.
+- loss = CE(high([h ; h_fake])[real], y) + ramp * CE(high(...)[fake], y_fake), with
+  h_fake ~ N(mu_c, sigma_c) of the *global* estimates, B // K + 1 per known class (K of
+  them), labels cyclic; the low-level part sees real data only (h_fake has no gradient
+  path to it). ``ramp`` = ramp_max * min(1, round / ramp_rounds) (gradual to 1/2).
+- upload {mu + e, sigma + e', class counts}, e ~ N(0, noise_std^2) (privacy knob), as an
+  ArrayRecord beside the model: it counts in bytes_up.
+Server: the model is averaged as FedAvg (by examples); per class, over the participants
+that hold it, the estimates are averaged ``uniform``ly or ``class_count``-weighted with
+pooled variance  sigma^2 = sum_i w_i sigma_i^2 + sum_i w_i (mu_i - mu)^2,  w_i = n_ic / n_c.
+Classes no participant holds this round keep their previous global estimate. The global
+estimates travel to the clients beside the model (they count in bytes_down).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fedsim.models import split_model  # a leaf module: no import cycle
+
+from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, minibatches
+from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, to_record, to_torch, weighted_sum
+
+LOCAL_KEY = "fedimpro.local"
+UPLOAD_KEY = "fedimpro.stats"
+GLOBAL_KEY = "fedimpro.global"
+AUTO_SPLITS = ("layer2", "conv2", "hidden0")
+
+
+class FedImproParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    split_after: str = Field("auto", description="block name ending the low-level part; auto: per model")
+    noise_std: float = Field(0.001, ge=0, description="Gaussian noise added to the uploaded estimates")
+    aggregation: Literal["uniform", "class_count"] = Field("uniform", description="server average of estimates")
+    ramp_max: float = Field(0.5, ge=0, description="final weight of the loss on sampled features")
+    ramp_rounds: int = Field(10, ge=1, description="rounds over which the weight grows linearly")
+    ema_count: int = Field(0, ge=0, description="N_pc of the moving average; 0 = the client's class count")
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def split_point(model: nn.Sequential, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    names = [n for n, _ in model.named_children()]
+    for name in AUTO_SPLITS:
+        if name in names[:-1]:
+            return name
+    return names[len(names) // 2 - 1]
+
+
+def num_classes_of(model: nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+@torch.no_grad()
+def update_estimates(est: dict[str, torch.Tensor], h: torch.Tensor, y: torch.Tensor,
+                     n_per_class: torch.Tensor) -> None:
+    """One minibatch of the per-class moving averages, in place on ``est``
+    (keys mu, sigma: [C, *feature]; seen_mu, seen_sigma: [C])."""
+    for c in torch.unique(y).tolist():
+        hc = h[y == c]
+        n = hc.shape[0]
+        w = min(1.0, n / max(float(n_per_class[c]), 1.0))
+        m = hc.mean(0)
+        if est["seen_mu"][c] > 0:
+            est["mu"][c] = (1 - w) * est["mu"][c] + w * m
+        else:
+            est["mu"][c], est["seen_mu"][c] = m, 1.0
+        if n >= 2:
+            s = hc.std(0)
+            if est["seen_sigma"][c] > 0:
+                est["sigma"][c] = (1 - w) * est["sigma"][c] + w * s
+            else:
+                est["sigma"][c], est["seen_sigma"][c] = s, 1.0
+
+
+def aggregate_gaussians(mus: list[np.ndarray], sigmas: list[np.ndarray], counts: list[np.ndarray],
+                        mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class over the clients that hold it -> (mu, sigma, present mask)."""
+    mu_s = np.stack([m.astype(np.float64) for m in mus])        # [M, C, *f]
+    sd_s = np.abs(np.stack([s.astype(np.float64) for s in sigmas]))
+    n = np.stack([c.astype(np.float64) for c in counts])       # [M, C]
+    present = n.sum(0) > 0
+    if mode == "uniform":
+        w = (n > 0).astype(np.float64)
+    else:
+        w = n
+    w = w / np.maximum(w.sum(0, keepdims=True), 1e-12)
+    wb = w.reshape(w.shape + (1,) * (mu_s.ndim - 2))
+    mu = (wb * mu_s).sum(0)
+    if mode == "uniform":
+        sigma = (wb * sd_s).sum(0)
+    else:
+        var = (wb * sd_s**2).sum(0) + (wb * (mu_s - mu) ** 2).sum(0)
+        sigma = np.sqrt(var)
+    return mu, sigma, present
+
+
+def ramp_weight(server_round: int, params: FedImproParams) -> float:
+    return params.ramp_max * min(1.0, server_round / params.ramp_rounds)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class FedImproStrategy(DeltaStrategy):
+    def __init__(self, params: FedImproParams, settings: ServerSettings):
+        super().__init__(settings)
+        self.params = params
+        self.mu: np.ndarray | None = None
+        self.sigma: np.ndarray | None = None
+        self.known: np.ndarray | None = None
+
+    def round_config(self, server_round, config):
+        out = super().round_config(server_round, config)
+        out["fedimpro-ramp"] = ramp_weight(server_round, self.params)
+        return out
+
+    def extra_records(self, server_round: int) -> dict[str, Any]:
+        if self.known is None or not self.known.any():
+            return {}
+        return {GLOBAL_KEY: to_record({"mu": self.mu.astype(np.float32), "sigma": self.sigma.astype(np.float32),
+                                       "known": self.known.astype(np.float32)})}
+
+    def aggregate(self, server_round: int, global_arrays: NDArrays, replies: list[Reply]) -> NDArrays:
+        stats = [r.records[UPLOAD_KEY] for r in replies]
+        mu, sigma, present = aggregate_gaussians([s["mu"].numpy() for s in stats], [s["sigma"].numpy() for s in stats],
+                                                 [s["count"].numpy() for s in stats], self.params.aggregation)
+        if self.known is None:
+            self.mu, self.sigma, self.known = np.zeros_like(mu), np.zeros_like(sigma), np.zeros(len(present), bool)
+        self.mu[present], self.sigma[present] = mu[present], sigma[present]
+        self.known |= present
+        return weighted_sum([r.arrays for r in replies], examples_or_uniform(replies, "examples"))
+
+    def round_report(self, server_round: int) -> dict[str, Any]:
+        return {"known_classes": int(self.known.sum()) if self.known is not None else 0}
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class FedImproClient(ClientAlgorithm):
+    params: FedImproParams
+
+    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
+              content: RecordDict, state: RecordDict) -> TrainResult:
+        p = self.params
+        low, high = split_model(model, split_point(model, p.split_after))
+        num_classes = num_classes_of(model)
+        with torch.no_grad():
+            feat_shape = tuple(low(data.x[:1]).shape[1:])
+        est = load_state(state, LOCAL_KEY)
+        if est is None or tuple(est["mu"].shape) != (num_classes, *feat_shape):
+            est = {"mu": torch.zeros(num_classes, *feat_shape), "sigma": torch.zeros(num_classes, *feat_shape),
+                   "seen_mu": torch.zeros(num_classes), "seen_sigma": torch.zeros(num_classes)}
+        counts = torch.bincount(data.y, minlength=num_classes).float()
+        n_pc = torch.full_like(counts, float(p.ema_count)) if p.ema_count else counts
+
+        ramp = float(content["config"].get("fedimpro-ramp", 0.0))
+        fake_mu = fake_sigma = fake_classes = None
+        if GLOBAL_KEY in content and ramp > 0:
+            g = to_torch(content[GLOBAL_KEY])
+            fake_classes = torch.nonzero(g["known"] > 0).flatten()
+            fake_mu, fake_sigma = g["mu"], g["sigma"].abs()
+
+        torch.manual_seed(settings.seed)
+        gen = torch.Generator().manual_seed(settings.seed)
+        fake_gen = torch.Generator().manual_seed(settings.seed + 1)
+        opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                              weight_decay=settings.weight_decay)
+        model.train()
+        total, total_fake, steps = 0.0, 0.0, 0
+        for idx in minibatches(data.num_examples, settings.batch_size, settings.local_epochs, gen):
+            xb, yb = data.x[idx], data.y[idx]
+            h = low(xb)
+            update_estimates(est, h.detach(), yb, n_pc)
+            if fake_classes is not None and len(fake_classes):
+                per = len(yb) // len(fake_classes) + 1
+                y_fake = fake_classes.repeat(per)
+                h_fake = fake_mu[y_fake] + fake_sigma[y_fake] * torch.randn(
+                    (len(y_fake), *feat_shape), generator=fake_gen)
+                out = high(torch.cat([h, h_fake]))
+                loss = nn.functional.cross_entropy(out[: len(yb)], yb)
+                loss_fake = nn.functional.cross_entropy(out[len(yb):], y_fake)
+                objective = loss + ramp * loss_fake
+                total_fake += loss_fake.item()
+            else:
+                loss = nn.functional.cross_entropy(high(h), yb)
+                objective = loss
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+        save_state(state, LOCAL_KEY, est)
+
+        noise = torch.Generator().manual_seed(settings.seed + 2)
+        up_mu = est["mu"] + p.noise_std * torch.randn(est["mu"].shape, generator=noise)
+        up_sigma = est["sigma"] + p.noise_std * torch.randn(est["sigma"].shape, generator=noise)
+        stats = to_record({"mu": up_mu, "sigma": up_sigma, "count": counts})
+        return TrainResult({"train_loss": total / max(steps, 1), "fake_loss": total_fake / max(steps, 1),
+                            "local_steps": float(steps)}, {UPLOAD_KEY: stats})
+
+
+SPEC = StrategySpec(
+    name="fedimpro",
+    params=FedImproParams,
+    server=lambda params, settings: FedImproStrategy(params, settings),
+    client=FedImproClient,
+)
