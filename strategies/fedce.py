@@ -33,8 +33,8 @@ Partial participation (the reference has every client every round):
 ``consensus: uniform`` reproduces the reference's server, whose consensus direction
 always uses 1/N (it never stores the new coefficients); ``current`` (default) is the paper.
 
-Reported in metrics.jsonl every round: ``contribution`` (c by partition id, for every
-client seen so far), ``agg_weight`` (a_i of this round's participants), ``s_g``/``s_d``,
+Reported in metrics.jsonl every round: ``contribution`` (c of every client, by partition id;
+``node-<id>`` for one not yet seen), ``agg_weight`` (a_i of this round's participants), ``s_g``/``s_d``,
 and the performance-fairness spread: ``acc_spread`` (std) and ``acc_range`` (max - min)
 of the accuracy of the received global model on each participant's *own validation
 split*, as reported by the clients (the server never sees client data).
@@ -181,8 +181,7 @@ class FedCEStrategy(DeltaStrategy):
         accs = [r.metrics["val_acc_global"] for r in replies if not math.isnan(r.metrics.get("val_acc_global", math.nan))]
         pid = {n: str(self.partition[n]) for n in nodes}
         self._report = {
-            "contribution": {str(self.partition[n]): round(self.c[n], 6)
-                             for n in sorted(self.partition, key=self.partition.get)},
+            "contribution": self._contribution(),
             "agg_weight": {pid[n]: round(float(ai), 6) for n, ai in zip(nodes, a)},
             "s_g": {pid[n]: round(float(v), 6) for n, v in zip(nodes, s_g)},
             "s_d": {pid[n]: (None if math.isnan(v) else round(float(v), 6)) for n, v in zip(nodes, s_d)},
@@ -190,6 +189,12 @@ class FedCEStrategy(DeltaStrategy):
             "acc_range": float(np.max(accs) - np.min(accs)) if accs else None,
         }
         return new
+
+    def _contribution(self) -> dict[str, float]:
+        """c by partition id; clients not yet seen (partition unknown) by ``node-<id>``."""
+        seen = sorted((self.partition[n], v) for n, v in self.c.items() if n in self.partition)
+        unseen = sorted((n, v) for n, v in self.c.items() if n not in self.partition)
+        return {**{str(p): round(v, 6) for p, v in seen}, **{f"node-{n}": round(v, 6) for n, v in unseen}}
 
     def round_report(self, server_round: int) -> dict[str, Any]:
         return dict(self._report)
