@@ -33,7 +33,10 @@ def scenario_text(run_config: dict) -> str:
     if "scenario-yaml" in run_config:
         return str(run_config["scenario-yaml"])
     if "scenario" in run_config:
-        return load_scenario(str(run_config["scenario"])).to_yaml()
+        path = Path(str(run_config["scenario"]))
+        if not path.is_absolute() and not path.exists():
+            path = Path(__file__).resolve().parents[1] / path  # relative to the app (FAB) root
+        return load_scenario(path).to_yaml()
     raise KeyError("run_config has neither 'scenario-yaml' nor 'scenario'")
 
 

@@ -14,11 +14,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # mkstemp makes 0600 files; results should read like any other file
+
 
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -70,6 +75,7 @@ class ResultsWriter:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".accuracy.", suffix=".png")
+        os.fchmod(fd, _FILE_MODE)
         os.close(fd)
         fig.savefig(tmp)
         plt.close(fig)

@@ -143,7 +143,8 @@ def sample_participants(node_ids: Iterable[int], server_round: int, seed: int,
         chosen = [i for i, u in zip(ids, rng.random(len(ids))) if u < participation]
         return chosen or [ids[int(rng.integers(len(ids)))]]  # never an empty round
     k = max(1, int(round(participation * len(ids))))
-    return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
+    # Choose positions, not ids: real node ids are uint64 and numpy would turn them into floats.
+    return sorted(ids[int(i)] for i in rng.choice(len(ids), size=k, replace=False))
 
 
 class SeededSampling(FlowerFedAvg):

@@ -48,6 +48,14 @@ def test_sampling_fixed_and_bernoulli_are_seeded():
     assert sample_participants(ids, 7, 1, 0.3, "bernoulli") == sample_participants(ids, 7, 1, 0.3, "bernoulli")
 
 
+def test_sampling_keeps_uint64_node_ids_exact():
+    # SuperNode ids are random uint64 values; a float round trip would corrupt them.
+    ids = [13279540858680754176, 7010060899336754176, 39397103170359280, 18446744073709551557]
+    for sampling in ("fixed", "bernoulli"):
+        for r in range(1, 20):
+            assert set(sample_participants(ids, r, 0, 0.5, sampling)) <= set(ids)
+
+
 def test_fedprox_mu0_equals_fedavg(tmp_path, small_scenario):
     avg = run_scenario(small_scenario(), tmp_path / "avg", progress=False)
     prox0 = run_scenario(small_scenario(strategy={"name": "fedprox", "mu": 0.0}), tmp_path / "p0", progress=False)
