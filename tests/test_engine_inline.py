@@ -134,3 +134,27 @@ def test_quickstart_reaches_095(tmp_path):
     torch.set_num_threads(1)
     summary = run_scenario(load_scenario("experiments/scenarios/quickstart.yaml"), tmp_path, progress=False)
     assert summary["accuracy"] >= 0.95
+
+
+class _InterruptAtRound3(FedAvgStrategy):
+    def aggregate_train(self, server_round, replies):
+        if server_round == 3:
+            raise KeyboardInterrupt
+        return super().aggregate_train(server_round, replies)
+
+
+register_strategy(StrategySpec("test_interrupt", NoParams, lambda p, s: _InterruptAtRound3(s), _CountingClient))
+
+
+def test_interrupted_run_keeps_reported_rounds(tmp_path, capsys):
+    import yaml
+
+    from fedsim.cli import main
+    from tests.conftest import small_raw
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(small_raw(strategy={"name": "test_interrupt"}, train={"rounds": 5})))
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert [r["round"] for r in read_metrics(tmp_path / "out")] == [1, 2]
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -28,6 +28,7 @@ BAD = [
     ({"data__partition__name": "pathological", "data__partition__classes_per_client": 11}, "classes_per_client"),
     ({"train__sampling": "poisson"}, "train.sampling"),
     ({"data__partition__bogus": 3}, "data.partition.bogus"),
+    ({"data__dataset": "cifar10", "data__source": "hub"}, "hub"),  # offline in tests: HF_HUB_OFFLINE=1
 ]
 
 
