@@ -92,7 +92,7 @@ def test_prox_correction_pulls_towards_the_anchor():
     FedSpeedClient(None).train(free, _data(), SETTINGS, _content(lamb=0.0, rho=0.0), RecordDict())
     FedSpeedClient(None).train(prox, _data(), SETTINGS, _content(lamb=5.0, rho=0.0, server_correction="all"),
                                RecordDict())
-    dist = lambda m: sum(float(((p - a) ** 2).sum()) for p, a in zip(m.parameters(), w_t))  # noqa: E731
+    dist = lambda m: sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(m.parameters(), w_t))  # noqa: E731
     assert dist(prox) < 0.8 * dist(free)
 
 
