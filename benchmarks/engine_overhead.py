@@ -1,0 +1,308 @@
+"""Engine overhead: what fedsim costs on top of the training it runs, and what Flower's costs.
+
+Workload W1: digits, 10 IID clients, all train every round, 1 local epoch, batch 32,
+SGD lr 0.05, MLP 64-256-10, FedAvg weighted by examples, 60 rounds, central evaluation
+every round. Four ways, each in its own subprocess (so Ray and torch threads never leak
+between them), wall time measured by this process from spawn to exit:
+
+  bare     a plain PyTorch loop over the same client tensors, the same initial model and
+           the same per-client seeds (the lower bound; its data is prepared by this
+           process, so it pays no data loading at all)
+  flower   the same workload written as Flower's PyTorch quick-start teaches: ServerApp
+           with flwr.serverapp.strategy.FedAvg, ClientApp with @app.train, DataLoader over
+           an IidPartitioner partition (of the in-memory digits, not the hub), run by
+           flwr.simulation.run_simulation with client_resources num_cpus 1
+  inline   fedsim.engines.run_scenario, engine inline
+  ray      fedsim.engines.run_scenario, engine ray (one actor per CPU)
+
+Targets: inline within 1.5x of bare; ray at least 3x faster than flower.
+Usage: python benchmarks/engine_overhead.py [--rounds 60] [--only bare,inline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 0
+ROUNDS = 60
+NUM_CLIENTS = 10
+BATCH, LR, LOCAL_EPOCHS, HIDDEN = 32, 0.05, 1, 256
+VARIANTS = ("bare", "flower", "inline", "ray")
+
+
+def w1_raw(engine: str, rounds: int) -> dict:
+    return {
+        "name": f"w1-{engine}", "seed": SEED,
+        "data": {"dataset": "digits", "num_clients": NUM_CLIENTS, "partition": {"name": "iid"}},
+        "model": {"name": "mlp", "hidden": [HIDDEN]},
+        "strategy": {"name": "fedavg"},
+        "train": {"rounds": rounds, "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH, "lr": LR,
+                  "participation": 1.0},
+        "engine": {"name": engine},
+        "output": {"plot": False, "progress": False},
+    }
+
+
+def emit(**result) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent-side preparation
+
+
+def prepare_bare(path: Path, rounds: int) -> None:
+    """W1's client tensors, initial model and per-(round, client) seeds, exactly as fedsim derives them."""
+    import torch
+
+    from fedsim.scenario import parse_scenario
+    from fedsim.world import build_world
+    from strategies import TrainSettings
+
+    world = build_world(parse_scenario(w1_raw("inline", rounds)))
+    clients = [world.client_tensors(i)[:2] for i in range(NUM_CLIENTS)]
+    seeds = [[TrainSettings.from_config({"server-round": r, "seed": SEED, "lr": LR, "local-epochs": 1,
+                                         "batch-size": BATCH, "momentum": 0.0, "weight-decay": 0.0}, i).seed
+              for i in range(NUM_CLIENTS)] for r in range(1, rounds + 1)]
+    torch.save({"clients": clients, "x_test": world.dataset.x_test, "y_test": world.dataset.y_test,
+                "init": world.new_model().state_dict(), "seeds": seeds}, path)
+
+
+# ----------------------------------------------------------------------------- (a) bare loop
+
+
+def run_bare(prep: Path, rounds: int) -> None:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    d = torch.load(prep)
+    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU()), nn.Linear(HIDDEN, 10))
+    # fedsim's MLP names its blocks; copy by position so the initial weights are the same.
+    for p, v in zip(model.parameters(), d["init"].values()):
+        p.data.copy_(v)
+    global_params = [p.detach().clone() for p in model.parameters()]
+    total = sum(len(y) for _, y in d["clients"])
+    round_s = []
+    for rnd in range(rounds):
+        t0 = time.perf_counter()
+        new = [torch.zeros_like(p) for p in global_params]
+        for cid, (x, y) in enumerate(d["clients"]):
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), global_params):
+                    p.copy_(g)
+            gen = torch.Generator().manual_seed(d["seeds"][rnd][cid])
+            opt = torch.optim.SGD(model.parameters(), lr=LR)
+            model.train()
+            for _ in range(LOCAL_EPOCHS):
+                perm = torch.randperm(len(y), generator=gen)
+                for s in range(0, len(y), BATCH):
+                    idx = perm[s : s + BATCH]
+                    loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                for acc, p in zip(new, model.parameters()):
+                    acc.add_(p, alpha=len(y) / total)
+        global_params = new
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), global_params):
+                p.copy_(g)
+            model.eval()
+            accuracy = float((model(d["x_test"]).argmax(1) == d["y_test"]).float().mean())
+        round_s.append(time.perf_counter() - t0)
+    emit(accuracy=accuracy, round_s=round_s)
+
+
+# ----------------------------------------------------------------------------- (b) Flower quick-start style
+
+
+def run_flower(rounds: int) -> None:
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+    from torch import nn
+
+    from fedsim.engines.ray import bind_ray_to_loopback
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(64, HIDDEN), nn.Linear(HIDDEN, 10)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    cache: dict = {}  # the quick-start's module-level `fds` cache, one per worker process
+
+    def load_data(partition_id: int, num_partitions: int, batch_size: int):
+        from datasets import Dataset
+        from flwr_datasets.partitioner import IidPartitioner
+        from torch.utils.data import DataLoader
+
+        from fedsim.data import load_dataset
+
+        if "partitioner" not in cache:
+            ds = load_dataset("digits")  # in memory, instead of the quick-start's hub download
+            partitioner = IidPartitioner(num_partitions=num_partitions)
+            partitioner.dataset = Dataset.from_dict({"img": ds.x_train.numpy(), "label": ds.y_train.numpy()})
+            cache["partitioner"] = partitioner
+        partition = cache["partitioner"].load_partition(partition_id)
+        train_test = partition.train_test_split(test_size=0.1, seed=42).with_format("torch")
+        trainloader = DataLoader(train_test["train"], batch_size=batch_size, shuffle=True)
+        testloader = DataLoader(train_test["test"], batch_size=batch_size)
+        return trainloader, testloader
+
+    def train_fn(net, trainloader, epochs, lr):
+        criterion = nn.CrossEntropyLoss()
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+        net.train()
+        running_loss = 0.0
+        for _ in range(epochs):
+            for batch in trainloader:
+                optimizer.zero_grad()
+                loss = criterion(net(batch["img"]), batch["label"])
+                loss.backward()
+                optimizer.step()
+                running_loss += loss.item()
+        return running_loss / (epochs * len(trainloader))
+
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context):
+        model = Net()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        trainloader, _ = load_data(context.node_config["partition-id"], context.node_config["num-partitions"],
+                                   BATCH)
+        train_loss = train_fn(model, trainloader, LOCAL_EPOCHS, msg.content["config"]["lr"])
+        metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(trainloader.dataset)})
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+    stamps: list[float] = []
+    final: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedsim.data import load_dataset
+
+        test = load_dataset("digits")
+
+        def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            model = Net()
+            model.load_state_dict(arrays.to_torch_state_dict())
+            model.eval()
+            with torch.no_grad():
+                acc = float((model(test.x_test).argmax(1) == test.y_test).float().mean())
+            stamps.append(time.perf_counter())
+            final["accuracy"] = acc
+            return MetricRecord({"accuracy": acc})
+
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=NUM_CLIENTS)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
+                       train_config=ConfigRecord({"lr": LR}), num_rounds=rounds, evaluate_fn=global_evaluate)
+
+    bind_ray_to_loopback()  # the only departure from the quick-start: this machine allows loopback only
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=NUM_CLIENTS,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    emit(accuracy=final.get("accuracy"), round_s=[b - a for a, b in zip(stamps, stamps[1:])])
+
+
+# ----------------------------------------------------------------------------- (c, d) fedsim
+
+
+def run_fedsim(engine: str, rounds: int) -> None:
+    from fedsim.engines import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    with tempfile.TemporaryDirectory() as out:
+        summary = run_scenario(parse_scenario(w1_raw(engine, rounds)), out, progress=False)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    emit(accuracy=summary["accuracy"], round_s=[r["wall_s"] for r in rows])
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def spawn(variant: str, rounds: int, prep: Path) -> dict:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", variant, "--rounds", str(rounds),
+                           "--prep", str(prep)], cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"variant {variant} failed (exit {proc.returncode})")
+    return {"wall": wall, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if s else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--prep", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child == "bare":
+        return run_bare(args.prep, args.rounds)
+    if args.child == "flower":
+        return run_flower(args.rounds)
+    if args.child in ("inline", "ray"):
+        return run_fedsim(args.child, args.rounds)
+
+    variants = [v for v in args.only.split(",") if v]
+    if "bare" not in variants:
+        variants.insert(0, "bare")  # every ratio is to the bare loop measured in the same run
+    sys.path.insert(0, str(REPO))
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = Path(tmp) / "w1.pt"
+        prepare_bare(prep, args.rounds)
+        results = {}
+        for v in variants:
+            results[v] = spawn(v, args.rounds, prep)
+            print(f"  {v:7s} {results[v]['wall']:6.1f} s", file=sys.stderr, flush=True)
+
+    bare = results["bare"]
+    bare_round = median(bare["round_s"])
+    print(f"\nW1: digits, {NUM_CLIENTS} IID clients, {args.rounds} rounds, MLP 64-{HIDDEN}-10, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'variant':8s} {'wall s':>7s} {'x bare':>7s} {'round ms':>9s} {'vs bare round':>14s} {'accuracy':>9s}")
+    for v, r in results.items():
+        rnd = median(r["round_s"])
+        print(f"{v:8s} {r['wall']:7.1f} {r['wall'] / bare['wall']:7.2f} {rnd * 1e3:9.1f} "
+              f"{(rnd - bare_round) * 1e3:+13.1f}ms {r['accuracy']:9.4f}")
+    print("round ms: median wall time of one round (all clients train, central evaluation); "
+          "'vs bare round' is the engine's own per-round cost (for ray: after 2-way parallelism).")
+    checks = []
+    if "inline" in results:
+        ratio = results["inline"]["wall"] / bare["wall"]
+        checks.append(f"inline/bare = {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'MISSED'})")
+    if "ray" in results and "flower" in results:
+        speedup = results["flower"]["wall"] / results["ray"]["wall"]
+        checks.append(f"flower/ray = {speedup:.2f} (target >= 3: {'met' if speedup >= 3 else 'MISSED'})")
+    for c in checks:
+        print(c)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""The ray engine: a Flower Grid that runs the ClientApp in a pool of Ray actors.
+
+Why not Flower's Simulation Engine (``run_simulation``): it costs seconds to start and
+~0.3-0.5 s per round of 10 small clients here (benchmarks/engine_overhead.py, W1), and its
+actors load the ClientApp again for every call. This Grid sends the very Messages a
+SuperLink would to long-lived actors, each hosting the unchanged ClientApp; an actor call
+costs about a millisecond.
+
+- One actor per ``num_cpus_per_client`` CPUs (or ``num_actors``), never more than clients.
+  Messages go to whichever actor is free, one call per actor at a time: a slow client
+  holds up no queue, and a call queued behind one that kills its actor would die with it.
+- Per-node ``Context``: the Grid owns every node's Context (as ``InlineGrid`` does), ships
+  it with each call and keeps the one the actor returns. Any actor can serve any node,
+  state survives rounds and actor crashes, and one seed gives the inline engine's metrics.
+  A node never has two calls in flight, so its state can't fork.
+- Data: each actor process builds the scenario's data once (``fedsim.world`` caches it per
+  process), exactly as a SuperNode's ClientApp process would.
+- A ClientApp exception becomes an error reply inside the actor (``call_client``); an
+  actor that dies (segfault, ``os._exit``, OOM kill) becomes an error reply for the message
+  it held and is replaced by a fresh one. (Not Ray's own actor restart: a call sent before
+  Ray notices the death would fail too, and an innocent node would lose its round.)
+
+Message and Context pickle as they are (Flower's own Ray backend ships them the same
+way); a reply is built from its instruction (``Message(..., reply_to=msg)``), which needs
+no ``TaskIdentity`` in the actor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from ..scenario import RayConfig
+from .inline import call_client, node_contexts
+
+# Dead actors are replaced at most this many times per pool slot; past that (an actor that
+# cannot even start, say) their messages just fail.
+REPLACEMENTS_PER_ACTOR = 4
+
+
+class ClientAppActor:
+    """Hosts one ClientApp in one worker process; turned into a Ray actor by ``RayGrid``."""
+
+    def __init__(self, client_app: ClientApp, torch_threads: int, setup: Callable[[], None] | None):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # failures come back as error replies
+        if setup is not None:
+            setup()
+        self.client_app = client_app
+
+    def run(self, msg: Message, context: Context) -> tuple[Message, Context]:
+        return call_client(self.client_app, msg, context), context
+
+
+def bind_ray_to_loopback() -> None:
+    """Make a Ray instance started by this process listen on 127.0.0.1 only.
+
+    Ray binds its gRPC servers to 0.0.0.0 unless the node address is loopback, and it
+    turns ``_node_ip_address="127.0.0.1"`` into the routable address unless multi-node
+    clusters are disabled, which Ray's own switch for macOS/Windows
+    (``ray_constants.ENABLE_RAY_CLUSTER``) does. Ray-internal, hence here; if an upgrade
+    moves it, the AttributeError says so. A single machine never needs more.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        raise AttributeError("ray._private.ray_constants.ENABLE_RAY_CLUSTER is gone; see fedsim/engines/ray.py")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """Start a single-machine Ray instance with as little start-up as Ray allows.
+
+    No dashboard, workers' output kept out of the driver's terminal (failures come back
+    as error replies), no usage reporting, loopback only.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    bind_ray_to_loopback()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # accelerator env-var notice
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, ignore_reinit_error=True)
+
+
+class RayGrid(Grid):
+    """A Grid whose nodes are served by a pool of Ray actors. Use as a context manager."""
+
+    def __init__(self, num_nodes: int, run_config: dict, config: RayConfig | None = None, run_id: int = 1, *,
+                 torch_threads: int = 1, client_app: ClientApp | None = None,
+                 setup: Callable[[], None] | None = None):
+        """``setup`` runs once in every actor before it serves (e.g. to register plug-in strategies)."""
+        if client_app is None:
+            from ..apps import client_app as fedsim_client_app
+
+            client_app = fedsim_client_app
+        self.config = config or RayConfig()
+        self.client_app, self.torch_threads, self.setup = client_app, torch_threads, setup
+        self.contexts = node_contexts(num_nodes, run_id, run_config)
+        self._run = Run.create_empty(run_id)
+        self._ids = itertools.count(1)
+        self._started_ray = False
+        self.actors: list = []
+        self._free: deque = deque()
+        self._pending: deque[tuple[str, Message]] = deque()
+        self._in_flight: dict = {}  # ObjectRef -> (message id, message, actor)
+        self._busy_nodes: set[int] = set()
+        self._replies: dict[str, Message] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "RayGrid":
+        import ray
+
+        cfg = self.config
+        wanted = cfg.num_actors or 0
+        if cfg.address is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                ray.init(address=cfg.address, log_to_driver=False, logging_level=logging.WARNING,
+                         ignore_reinit_error=True)
+        elif not ray.is_initialized():
+            # An explicit num_actors is honoured even beyond the cores (oversubscribed).
+            needed = math.ceil(wanted * cfg.num_cpus_per_client)
+            start_local_ray(max(os.cpu_count() or 1, needed))
+            self._started_ray = True
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        fits = max(1, int(cpus // cfg.num_cpus_per_client))
+        if wanted > fits:
+            self.__exit__(None, None, None)
+            raise ValueError(f"engine.ray.num_actors={wanted} needs {wanted * cfg.num_cpus_per_client:g} CPUs; "
+                             f"the Ray cluster has {cpus:g}")
+        size = max(1, min(wanted or fits, len(self.contexts)))
+        self._actor_cls = ray.remote(ClientAppActor).options(num_cpus=cfg.num_cpus_per_client)
+        # Created asynchronously: the actors import torch and Flower while the server sets up.
+        self.actors = [self._new_actor() for _ in range(size)]
+        self._free = deque(self.actors)
+        self._replacements_left = REPLACEMENTS_PER_ACTOR * size
+        return self
+
+    def _new_actor(self):
+        return self._actor_cls.remote(self.client_app, self.torch_threads, self.setup)
+
+    def _replace(self, dead):
+        import ray
+
+        if self._replacements_left <= 0:
+            return dead
+        self._replacements_left -= 1
+        ray.kill(dead, no_restart=True)
+        fresh = self._new_actor()
+        self.actors[self.actors.index(dead)] = fresh
+        return fresh
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors, self._in_flight = [], {}
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    # ------------------------------------------------------------------ Grid
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            mid = str(next(self._ids))
+            msg.metadata.__dict__["_message_id"] = mid  # a SuperLink assigns ids; Metadata has no setter
+            self._pending.append((mid, msg))
+            ids.append(mid)
+        self._dispatch()
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._collect(timeout=0)
+        return [self._replies.pop(mid) for mid in message_ids if mid in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._in_flight and not all(mid in self._replies for mid in ids):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._collect(timeout=left)
+        return self.pull_messages(ids)
+
+    # ------------------------------------------------------------------ the pool
+    def _dispatch(self) -> None:
+        """Give every free actor the oldest pending message whose node has no call in flight."""
+        skipped: deque[tuple[str, Message]] = deque()
+        while self._free and self._pending:
+            mid, msg = self._pending.popleft()
+            node = msg.metadata.dst_node_id
+            if node in self._busy_nodes:
+                skipped.append((mid, msg))
+                continue
+            actor = self._free.popleft()
+            ref = actor.run.remote(msg, self.contexts[node])
+            self._in_flight[ref] = (mid, msg, actor)
+            self._busy_nodes.add(node)
+        self._pending.extendleft(reversed(skipped))
+
+    def _collect(self, timeout: float | None) -> None:
+        """Harvest finished calls (waiting up to ``timeout`` for the first), then dispatch more."""
+        import ray
+
+        if not self._in_flight:
+            self._dispatch()
+            return
+        done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
+        if done:  # take everything else that is already finished too
+            done, _ = ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=0)
+        for ref in done:
+            mid, msg, actor = self._in_flight.pop(ref)
+            node = msg.metadata.dst_node_id
+            try:
+                reply, context = ray.get(ref)
+                self.contexts[node] = context
+            except ray.exceptions.RayActorError as exc:  # the actor process died under this call
+                reason = f"ClientApp actor died: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg)
+                actor = self._replace(actor)
+            self._replies[mid] = reply
+            self._busy_nodes.discard(node)
+            self._free.append(actor)
+        self._dispatch()

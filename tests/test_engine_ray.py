@@ -1,0 +1,101 @@
+"""The ray engine: inline's metrics for one seed, client state across rounds, failures as replies.
+
+One Ray instance serves every test here (module fixture). The probe strategy reaches the
+actors through ``RayGrid(setup=...)``: the actors import this module (Ray puts the
+driver's working directory, the repository root, on their path) and register it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from flwr.app import ConfigRecord
+
+from fedsim.apps import server_app
+from fedsim.engines import RUN_ID, run_scenario, server_context
+from fedsim.engines.identity import enter_server_identity
+from fedsim.engines.inline import NODE_ID_BASE
+from strategies import ClientAlgorithm, StrategySpec, TrainResult, register_strategy
+from strategies.base import NoParams, local_sgd
+from strategies.fedavg import FedAvgStrategy
+
+ray = pytest.importorskip("ray")
+
+FAILING, CRASHING, CRASH_ROUND = 1, 2, 2  # partition ids; the round in which CRASHING kills its actor
+
+
+class ProbeClient(ClientAlgorithm):
+    """FedAvg's local SGD that counts its calls in Context.state, and misbehaves on purpose."""
+
+    def train(self, model, data, settings, content, state) -> TrainResult:
+        seen = state["probe"] if "probe" in state else ConfigRecord({"calls": 0, "pids": []})
+        state["probe"] = ConfigRecord({"calls": int(seen["calls"]) + 1, "pids": [*seen["pids"], os.getpid()]})
+        if data.partition_id == FAILING:
+            raise RuntimeError("probe: this client always fails")
+        if data.partition_id == CRASHING and settings.server_round == CRASH_ROUND:
+            os._exit(3)  # the actor process dies mid-call, as on a segfault or an OOM kill
+        return TrainResult(local_sgd(model, data, settings))
+
+
+PROBE = StrategySpec(name="ray-probe", params=NoParams, server=lambda params, settings: FedAvgStrategy(settings),
+                     client=ProbeClient)
+
+
+def register_probe() -> None:
+    register_strategy(PROBE)
+
+
+register_probe()  # in the driver; RayGrid(setup=register_probe) does it in each actor
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from fedsim.engines.ray import start_local_ray
+
+    started = not ray.is_initialized()
+    start_local_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def rows(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ray_matches_inline_round_by_round(local_ray, small_scenario, tmp_path):
+    inline = small_scenario(train__rounds=3)
+    on_ray = small_scenario(train__rounds=3, engine__name="ray", engine__ray={"num_actors": 2})
+    run_scenario(inline, tmp_path / "inline", progress=False)
+    summary = run_scenario(on_ray, tmp_path / "ray", progress=False)
+    assert summary["engine"] == "ray" and summary["rounds"] == 3
+    keys = ("round", "accuracy", "loss", "train_loss", "bytes_up", "bytes_down", "participants", "failures")
+    a, b = rows(tmp_path / "inline"), rows(tmp_path / "ray")
+    assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+    assert ray.is_initialized()  # a Ray it did not start is left running
+
+
+def test_state_survives_rounds_and_failures_do_not_stop_the_run(local_ray, small_scenario, tmp_path):
+    from fedsim.engines.ray import RayGrid
+
+    rounds = 3
+    scenario = small_scenario(train__rounds=rounds, strategy={"name": "ray-probe"})
+    enter_server_identity(RUN_ID)
+    context = server_context(scenario, tmp_path, progress=False)
+    client_config = {"scenario-yaml": context.run_config["scenario-yaml"]}
+    with RayGrid(scenario.data.num_clients, client_config, scenario.engine.ray.model_copy(update={"num_actors": 2}),
+                 RUN_ID, setup=register_probe) as grid:
+        server_app(grid, context)
+        states = {node - NODE_ID_BASE: ctx.state["probe"] for node, ctx in grid.contexts.items()}
+
+    # Each node's count went up once a round, whichever actor served it; the crashed call's
+    # update died with its process, as it would with a SuperNode's ClientApp process.
+    calls = {pid: int(s["calls"]) for pid, s in states.items()}
+    assert calls == {0: rounds, FAILING: rounds, CRASHING: rounds - 1, 3: rounds}
+    assert len({p for s in states.values() for p in s["pids"]}) >= 2  # several processes served
+
+    failures = [r["failures"] for r in rows(tmp_path)]
+    assert failures == [2 if r == CRASH_ROUND else 1 for r in range(1, rounds + 1)]
+    assert all(r["participants"] == 4 - f for r, f in zip(rows(tmp_path), failures))
