@@ -42,6 +42,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     else:
         from .ray import RayGrid
 
-        with RayGrid(scenario.data.num_clients, client_config, scenario.engine.ray, RUN_ID) as grid:
+        with RayGrid(scenario.data.num_clients, client_config, scenario.engine.ray, RUN_ID,
+                     torch_threads=scenario.engine.torch_threads) as grid:
             server_app(grid, context)
     return json.loads((out_dir / "summary.json").read_text())
