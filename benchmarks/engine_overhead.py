@@ -6,8 +6,8 @@ every round. Four ways, each in its own subprocess (so Ray and torch threads nev
 between them), wall time measured by this process from spawn to exit:
 
   bare     a plain PyTorch loop over the same client tensors, the same initial model and
-           the same per-client seeds (the lower bound; its data is prepared by this
-           process, so it pays no data loading at all)
+           the same per-client seeds (the lower bound; it loads the digits as a bare
+           script would, then trains on tensors this process prepared from fedsim's split)
   flower   the same workload written as Flower's PyTorch quick-start teaches: ServerApp
            with flwr.serverapp.strategy.FedAvg, ClientApp with @app.train, DataLoader over
            an IidPartitioner partition (of the in-memory digits, not the hub), run by
@@ -83,6 +83,11 @@ def run_bare(prep: Path, rounds: int) -> None:
     from torch import nn
 
     torch.set_num_threads(1)
+    # A bare script loads its data itself; it pays that (the digits from scikit-learn), then
+    # trains on exactly fedsim's client tensors and seeds so both do the same work.
+    from sklearn.datasets import load_digits
+
+    load_digits()
     d = torch.load(prep)
     model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU()), nn.Linear(HIDDEN, 10))
     # fedsim's MLP names its blocks; copy by position so the initial weights are the same.

@@ -6,8 +6,7 @@ process share it), so a round never reloads or re-partitions data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ class World:
     scenario: Scenario
     dataset: ImageDataset
     splits: list[ClientSplit]
+    _tensors: dict = field(default_factory=dict, repr=False)
 
     def new_model(self) -> nn.Module:
         """The global model at round 0 (same weights in every process for one seed)."""
@@ -35,9 +35,17 @@ class World:
                            dropout=m.dropout, hidden=tuple(m.hidden), init=m.init, seed=seed)
 
     def client_tensors(self, partition_id: int) -> tuple[torch.Tensor, ...]:
-        split = self.splits[partition_id]
-        ds = self.dataset
-        return (ds.x_train[split.train], ds.y_train[split.train], ds.x_train[split.val], ds.y_train[split.val])
+        """(x, y, x_val, y_val) of one client, gathered once per process."""
+        cached = self._tensors.get(partition_id)
+        if cached is None:
+            split = self.splits[partition_id]
+            ds = self.dataset
+            cached = self._tensors[partition_id] = (ds.x_train[split.train], ds.y_train[split.train],
+                                                     ds.x_train[split.val], ds.y_train[split.val])
+        return cached
+
+    def __getstate__(self) -> dict:  # shipped to workers without the per-process cache
+        return {**self.__dict__, "_tensors": {}}
 
 
 def dataset_for(s: Scenario) -> ImageDataset:
@@ -63,6 +71,17 @@ def build_world(s: Scenario) -> World:
     return World(s, ds, splits)
 
 
-@lru_cache(maxsize=2)
+_WORLDS: dict[str, World] = {}
+
+
 def world_from_text(scenario_yaml: str) -> World:
-    return build_world(scenario_from_text(scenario_yaml))
+    """The world of a resolved scenario, built once per process."""
+    world = _WORLDS.get(scenario_yaml)
+    if world is None:
+        world = _WORLDS[scenario_yaml] = build_world(scenario_from_text(scenario_yaml))
+    return world
+
+
+def adopt_world(scenario_yaml: str, world: World) -> None:
+    """Use a world built elsewhere (an engine shipping it to its workers) instead of rebuilding it."""
+    _WORLDS[scenario_yaml] = world

@@ -13,8 +13,9 @@ SuperLink would to long-lived actors, each hosting the unchanged ClientApp.
   it with each call and keeps the one the actor returns. Any actor can serve any node,
   state survives rounds and actor crashes, and one seed gives the inline engine's metrics.
   A node never has two calls in flight, so its state can't fork.
-- Data: each actor process builds the scenario's data once (``fedsim.world`` caches it per
-  process), exactly as a SuperNode's ClientApp process would.
+- Data: the driver builds the scenario's world (data set and client splits) once, while
+  Ray starts, and puts it in Ray's object store; every actor adopts it, so no worker
+  process loads or partitions data (or pays for importing the libraries that do).
 - A ClientApp exception becomes an error reply inside the actor (``call_client``); an
   actor that dies (segfault, ``os._exit``, OOM kill) is replaced by a fresh one and its
   batch is sent again one message per call, so the message that kills an actor gets an
@@ -62,6 +63,12 @@ class ClientAppActor:
         if setup is not None:
             setup()
         self.client_app = client_app
+
+    def adopt(self, scenario_yaml: str, world) -> None:
+        """Take the driver's world (from the object store) instead of building one here."""
+        from ..world import adopt_world
+
+        adopt_world(scenario_yaml, world)
 
     def run(self, calls: list[tuple[Message, Context]]) -> list[tuple[Message, Context]]:
         return [(call_client(self.client_app, msg, context), context) for msg, context in calls]
@@ -130,6 +137,16 @@ class RayGrid(Grid):
 
         cfg = self.config
         wanted = cfg.num_actors or 0
+        world_job = None
+        scenario_yaml = self.contexts[next(iter(self.contexts))].run_config.get("scenario-yaml")
+        if scenario_yaml is not None:  # build the data while Ray starts (ray.init mostly waits)
+            from concurrent.futures import ThreadPoolExecutor
+
+            from ..world import world_from_text
+
+            pool = ThreadPoolExecutor(max_workers=1)
+            world_job = pool.submit(world_from_text, scenario_yaml)
+            pool.shutdown(wait=False)
         if cfg.address is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -148,14 +165,26 @@ class RayGrid(Grid):
                              f"the Ray cluster has {cpus:g}")
         size = max(1, min(wanted or fits, len(self.contexts)))
         self._actor_cls = ray.remote(ClientAppActor).options(num_cpus=cfg.num_cpus_per_client)
+        self._world_args: tuple = ()
         # Created asynchronously: the actors import torch and Flower while the server sets up.
         self.actors = [self._new_actor() for _ in range(size)]
+        if world_job is not None:  # actors import torch and Flower meanwhile; a call runs after adopt
+            try:
+                self._world_args = (scenario_yaml, ray.put(world_job.result()))
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+            for actor in self.actors:
+                actor.adopt.remote(*self._world_args)
         self._free = deque(self.actors)
         self._replacements_left = REPLACEMENTS_PER_ACTOR * size
         return self
 
     def _new_actor(self):
-        return self._actor_cls.remote(self.client_app, self.torch_threads, self.setup)
+        actor = self._actor_cls.remote(self.client_app, self.torch_threads, self.setup)
+        if self._world_args:
+            actor.adopt.remote(*self._world_args)
+        return actor
 
     def _replace(self, dead):
         import ray
