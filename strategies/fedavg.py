@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import RecordDict
 from torch import nn
 
-from .base import (ClientAlgorithm, ClientData, NoParams, SeededSampling, ServerSettings, StrategySpec,
+from .base import (ClientAlgorithm, ClientData, NoParams, SeededSampling, StrategySpec,
                    TrainResult, TrainSettings, local_sgd)
 
 

@@ -32,3 +32,16 @@ def small_raw(**overrides):
 @pytest.fixture
 def small_scenario():
     return lambda **kw: parse_scenario(small_raw(**kw))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for a test module (RayGrid joins it instead of starting its own)."""
+    ray = pytest.importorskip("ray")
+    from fedsim.engines.ray import start_local_ray
+
+    started = not ray.is_initialized()
+    start_local_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

@@ -59,7 +59,7 @@ def test_sampling_keeps_uint64_node_ids_exact():
 def test_fedprox_mu0_equals_fedavg(tmp_path, small_scenario):
     avg = run_scenario(small_scenario(), tmp_path / "avg", progress=False)
     prox0 = run_scenario(small_scenario(strategy={"name": "fedprox", "mu": 0.0}), tmp_path / "p0", progress=False)
-    prox1 = run_scenario(small_scenario(strategy={"name": "fedprox", "mu": 1.0}), tmp_path / "p1", progress=False)
+    run_scenario(small_scenario(strategy={"name": "fedprox", "mu": 1.0}), tmp_path / "p1", progress=False)
     key = lambda rows: [(r["accuracy"], r["loss"], r["train_loss"]) for r in rows]  # noqa: E731
     assert key(read_metrics(tmp_path / "avg")) == key(read_metrics(tmp_path / "p0"))
     assert key(read_metrics(tmp_path / "avg")) != key(read_metrics(tmp_path / "p1"))

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
@@ -97,6 +96,7 @@ def test_client_state_survives_skipped_rounds(tmp_path, small_scenario):
                        train={"rounds": 6, "participation": 0.5, "sampling": "fixed", "lr": 0.1})
     run_scenario(s, tmp_path, progress=False)
     seen: dict[str, int] = {}
+    prev: set[str] = set()
     skipped_then_back = False
     for row in read_metrics(tmp_path):
         for node, calls in row["calls"].items():

@@ -50,17 +50,6 @@ def register_probe() -> None:
 register_probe()  # in the driver; RayGrid(setup=register_probe) does it in each actor
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from fedsim.engines.ray import start_local_ray
-
-    started = not ray.is_initialized()
-    start_local_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def rows(out_dir) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -10,18 +10,6 @@ from tests.conftest import small_raw
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One Ray instance for the four runs (RayGrid joins it instead of starting its own)."""
-    from fedsim.engines.ray import start_local_ray
-
-    started = not ray.is_initialized()
-    start_local_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.parametrize("name", ["scaffold", "fedspeed", "fedce", "fedimpro"])
 def test_stateful_strategies_match_across_engines(tmp_path, local_ray, name):
     """Rounds 2-3 depend on state written in earlier rounds (c_i, h_i, last model, estimates),

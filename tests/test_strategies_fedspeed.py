@@ -1,6 +1,5 @@
 """FedSpeed: reduces to FedAvg at rho = lamb = 0, the dual update, both server corrections."""
 
-import copy
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.apps import run_server
-from fedsim.engines import server_context  # noqa: F401  (engine package import sets nothing global)
 from fedsim.engines.identity import enter_server_identity
 from fedsim.engines.inline import InlineGrid
 from fedsim.models import build_model

@@ -38,10 +38,11 @@ def call_client(client_app: ClientApp, msg: Message, context: Context) -> Messag
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-class InlineGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1):
+class SimulatedNodesGrid(Grid):
+    """What fedsim's own Grids share: simulated nodes with one Context each, message ids."""
+
+    def __init__(self, num_nodes: int, run_config: dict, run_id: int = 1):
         self._run = Run.create_empty(run_id)
-        self.client_app = client_app
         self.contexts = node_contexts(num_nodes, run_id, run_config)
         self._replies: dict[str, Message] = {}
         self._ids = itertools.count(1)
@@ -59,11 +60,22 @@ class InlineGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
+    def assign_id(self, msg: Message) -> str:
+        """Give an outgoing message its id (a SuperLink's job; Metadata has no setter)."""
+        mid = str(next(self._ids))
+        msg.metadata.__dict__["_message_id"] = mid
+        return mid
+
+
+class InlineGrid(SimulatedNodesGrid):
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1):
+        super().__init__(num_nodes, run_config, run_id)
+        self.client_app = client_app
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            mid = str(next(self._ids))
-            msg.metadata.__dict__["_message_id"] = mid
+            mid = self.assign_id(msg)
             self._replies[mid] = call_client(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
             ids.append(mid)
         return ids

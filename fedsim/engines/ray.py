@@ -29,7 +29,6 @@ no ``TaskIdentity`` in the actor.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -41,11 +40,9 @@ from collections.abc import Callable, Iterable
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from ..scenario import RayConfig
-from .inline import call_client, node_contexts
+from .inline import SimulatedNodesGrid, call_client
 
 # Dead actors are replaced at most this many times per pool slot; past that (an actor that
 # cannot even start, say) their messages just fail.
@@ -106,7 +103,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
                  logging_level=logging.WARNING, ignore_reinit_error=True)
 
 
-class RayGrid(Grid):
+class RayGrid(SimulatedNodesGrid):
     """A Grid whose nodes are served by a pool of Ray actors. Use as a context manager."""
 
     def __init__(self, num_nodes: int, run_config: dict, config: RayConfig | None = None, run_id: int = 1, *,
@@ -119,9 +116,7 @@ class RayGrid(Grid):
             client_app = fedsim_client_app
         self.config = config or RayConfig()
         self.client_app, self.torch_threads, self.setup = client_app, torch_threads, setup
-        self.contexts = node_contexts(num_nodes, run_id, run_config)
-        self._run = Run.create_empty(run_id)
-        self._ids = itertools.count(1)
+        super().__init__(num_nodes, run_config, run_id)
         self._started_ray = False
         self.actors: list = []
         self._free: deque = deque()
@@ -129,7 +124,6 @@ class RayGrid(Grid):
         self._in_flight: dict = {}  # ObjectRef -> (actor, [(message id, message), ...])
         self._alone: set[str] = set()  # ids of messages that were in a batch whose actor died
         self._busy_nodes: set[int] = set()
-        self._replies: dict[str, Message] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "RayGrid":
@@ -208,24 +202,10 @@ class RayGrid(Grid):
             self._started_ray = False
 
     # ------------------------------------------------------------------ Grid
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            mid = str(next(self._ids))
-            msg.metadata.__dict__["_message_id"] = mid  # a SuperLink assigns ids; Metadata has no setter
+            mid = self.assign_id(msg)
             self._pending.append((mid, msg))
             ids.append(mid)
         self._dispatch()
