@@ -32,7 +32,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(what)
+            raise TimeoutError(what())
         time.sleep(0.5)
 
 
@@ -47,14 +47,18 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path):
     link_port = _free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    # The SuperLink and SuperNodes start Flower's other executables by name: the venv's bin
+    # must be on PATH even when the tests run as .venv/bin/python without an activated venv.
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
     procs = []
     try:
         link_log = tmp_path / "superlink.log"
         procs.append(_start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                              "--port", str(link_port), "--database", str(tmp_path / "state.db")], link_log, env))
-        _wait_for(lambda: "Uvicorn running" in link_log.read_text(), 60, "SuperLink did not start")
+        _wait_for(lambda: "Uvicorn running" in link_log.read_text(), 60,
+                  lambda: "SuperLink did not start:\n" + link_log.read_text()[-2000:])
         for i in range(2):
             procs.append(_start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                                  "--node-config", f"partition-id={i} num-partitions=2",
@@ -64,7 +68,8 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path):
                               f'scenario="{scenario_path}" out-dir="{out}" progress=false'],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
-        _wait_for(lambda: (out / "summary.json").exists(), 240, "the deployed run did not finish")
+        _wait_for(lambda: (out / "summary.json").exists(), 240,
+                  lambda: "the deployed run did not finish:\n" + link_log.read_text()[-2000:])
     finally:
         for p in procs:
             try:
