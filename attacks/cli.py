@@ -160,6 +160,7 @@ def attack_config(settings: dict, case) -> dict:
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=2, allow_nan=False)
@@ -188,6 +189,7 @@ def save_grid(path: Path, truth: torch.Tensor, recon: torch.Tensor) -> None:
         rows.append(np.concatenate(imgs, axis=1))
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.fchmod(fd, 0o644)
     os.close(fd)
     grid.save(tmp)
     os.replace(tmp, path)
