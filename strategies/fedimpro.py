@@ -187,7 +187,7 @@ class FedImproClient(ClientAlgorithm):
             fake_classes = torch.nonzero(g["known"] > 0).flatten()
             fake_mu, fake_sigma = g["mu"], g["sigma"].abs()
 
-        torch.manual_seed(settings.seed)
+        torch.default_generator.manual_seed(settings.seed)  # dropout masks (see local_sgd)
         gen = torch.Generator().manual_seed(settings.seed)
         fake_gen = torch.Generator().manual_seed(settings.seed + 1)
         opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,

@@ -91,7 +91,7 @@ class FedSpeedClient(ClientAlgorithm):
         stored = load_state(state, STATE_KEY)
         h = [stored[n] for n in names] if stored is not None else [torch.zeros_like(a) for a in anchor]
 
-        torch.manual_seed(settings.seed)
+        torch.default_generator.manual_seed(settings.seed)  # dropout masks (see local_sgd)
         gen = torch.Generator().manual_seed(settings.seed)
         opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
         model.train()
