@@ -93,15 +93,8 @@ class Observation:
         **meta,
     ) -> "Observation":
         """A single-batch gradient at the model's (or ``state_dict``'s) parameters."""
-        model = cls._prepare(model, state_dict)
-        names = [n for n, _ in model.named_parameters()]
-        obs = cls(model=model, input_shape=tuple(int(s) for s in input_shape),
-                  num_classes=int(num_classes), batch_size=int(batch_size),
-                  gradients=_as_list(gradients, names, "gradients"),
-                  labels=None if labels is None else torch.as_tensor(labels, dtype=torch.int64),
-                  dropout=float(dropout), meta=dict(meta))
-        obs.validate()
-        return obs
+        return cls._build(model, state_dict, input_shape, num_classes, batch_size, labels, dropout, meta,
+                          "gradients", gradients)
 
     @classmethod
     def from_update(
@@ -121,16 +114,22 @@ class Observation:
         **meta,
     ) -> "Observation":
         """A multi-step weight delta ``w_after - w_sent`` with the local SGD settings."""
+        return cls._build(model, state_dict, input_shape, num_classes, num_samples, labels, dropout, meta,
+                          "update", update, lr=float(lr), local_steps=int(local_steps),
+                          local_batch_size=int(local_batch_size or num_samples), num_samples=int(num_samples))
+
+    @classmethod
+    def _build(cls, model, state_dict, input_shape, num_classes, batch_size, labels, dropout, meta,
+               observed: str, tensors, **fields) -> "Observation":
+        """Shared by the builders: ``observed`` names the field ("gradients" or "update") that
+        ``tensors`` fills, matched to the model's parameters."""
         model = cls._prepare(model, state_dict)
         names = [n for n, _ in model.named_parameters()]
+        fields[observed] = _as_list(tensors, names, observed)
         obs = cls(model=model, input_shape=tuple(int(s) for s in input_shape),
-                  num_classes=int(num_classes), batch_size=int(num_samples),
-                  update=_as_list(update, names, "update"), lr=float(lr),
-                  local_steps=int(local_steps),
-                  local_batch_size=int(local_batch_size or num_samples),
-                  num_samples=int(num_samples),
+                  num_classes=int(num_classes), batch_size=int(batch_size),
                   labels=None if labels is None else torch.as_tensor(labels, dtype=torch.int64),
-                  dropout=float(dropout), meta=dict(meta))
+                  dropout=float(dropout), meta=dict(meta), **fields)
         obs.validate()
         return obs
 
