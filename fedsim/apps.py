@@ -21,6 +21,7 @@ from strategies import ClientData, ServerSettings, TrainSettings, get_strategy
 
 from .metered import MeteredGrid
 from .progress import RoundProgress
+from .records import to_record, to_torch
 from .results import ResultsWriter
 from .scenario import Scenario, load_scenario
 from .world import World, world_from_text
@@ -58,14 +59,14 @@ client_app = ClientApp()
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
     world, model, data = _client_setup(context)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(to_torch(msg.content["arrays"]))
     spec = get_strategy(world.scenario.strategy.name)
     algorithm = spec.client(world.scenario.strategy_params())
     settings = TrainSettings.from_config(msg.content["config"], data.partition_id)
     result = algorithm.train(model, data, settings, msg.content, context.state)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     metrics["num-examples"] = data.num_examples
-    reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics),
+    reply = RecordDict({"arrays": to_record(model.state_dict()), "metrics": MetricRecord(metrics),
                         **result.records})
     return Message(reply, reply_to=msg)
 
@@ -73,7 +74,7 @@ def client_train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
     _, model, data = _client_setup(context)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(to_torch(msg.content["arrays"]))
     loss, acc = evaluate(model, data.x_val, data.y_val)
     metrics = MetricRecord({"loss": loss, "accuracy": acc, "num-examples": len(data.y_val)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -130,7 +131,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            model.load_state_dict(arrays.to_torch_state_dict())
+            model.load_state_dict(to_torch(arrays))
             loss, acc = evaluate(model, x_test, y_test)
             if server_round == 0:
                 initial.update(accuracy=acc, loss=loss)
@@ -144,7 +145,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
             bar.advance(row)
             return MetricRecord({"accuracy": acc, "loss": loss})
 
-        strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
+        strategy.start(grid=metered, initial_arrays=to_record(model.state_dict()),
                        num_rounds=scenario.train.rounds, timeout=scenario.engine.timeout_s,
                        evaluate_fn=central_evaluate)
 

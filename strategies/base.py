@@ -26,6 +26,10 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from fedsim.records import weighted_mean  # a leaf module: no import cycle
+
+from .sgd import LocalSGD
+
 # Independent RNG streams derived from the one scenario seed.
 SAMPLING_STREAM, CLIENT_STREAM = 1, 2
 
@@ -119,14 +123,14 @@ def local_sgd(model: nn.Module, data: ClientData, settings: TrainSettings, *,
     # a lazy CUDA seeding that records a stack trace: ~1 ms a call.)
     torch.default_generator.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                          weight_decay=settings.weight_decay)
+    opt = LocalSGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                   weight_decay=settings.weight_decay)
     model.train()
     total, steps = 0.0, 0
     for idx in minibatches(data.num_examples, settings.batch_size, settings.local_epochs, gen):
         loss = nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
         objective = loss + extra_loss(model) if extra_loss is not None else loss
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         objective.backward()
         if before_step is not None:
             before_step(model)
@@ -184,9 +188,14 @@ class SeededSampling(FlowerFedAvg):
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Flower's FedAvg.aggregate_train (same checks, same arithmetic) on fedsim.records' decoding."""
         # Reply order decides float summation order: sort for run-to-run identity.
         ordered = sorted(replies, key=lambda m: m.metadata.src_node_id)
-        return super().aggregate_train(server_round, ordered)
+        valid, _ = self._check_and_log_replies(ordered, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        return weighted_mean(contents, self.weighted_by_key), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from torch import nn
 from fedsim.models import split_model  # a leaf module: no import cycle
 
 from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, minibatches
+from .sgd import LocalSGD
 from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, to_record, to_torch, weighted_sum
 
 LOCAL_KEY = "fedimpro.local"
@@ -190,8 +191,8 @@ class FedImproClient(ClientAlgorithm):
         torch.default_generator.manual_seed(settings.seed)  # dropout masks (see local_sgd)
         gen = torch.Generator().manual_seed(settings.seed)
         fake_gen = torch.Generator().manual_seed(settings.seed + 1)
-        opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                              weight_decay=settings.weight_decay)
+        opt = LocalSGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                       weight_decay=settings.weight_decay)
         model.train()
         total, total_fake, steps = 0.0, 0.0, 0
         for idx in minibatches(data.num_examples, settings.batch_size, settings.local_epochs, gen):
@@ -211,7 +212,7 @@ class FedImproClient(ClientAlgorithm):
             else:
                 loss = nn.functional.cross_entropy(high(h), yb)
                 objective = loss
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             objective.backward()
             opt.step()
             total += loss.item()

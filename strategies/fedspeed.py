@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, minibatches
+from .sgd import LocalSGD
 from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, weighted_sum
 
 STATE_KEY = "fedspeed.h"
@@ -93,7 +94,7 @@ class FedSpeedClient(ClientAlgorithm):
 
         torch.default_generator.manual_seed(settings.seed)  # dropout masks (see local_sgd)
         gen = torch.Generator().manual_seed(settings.seed)
-        opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        opt = LocalSGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
         model.train()
         total, steps = 0.0, 0
         for idx in minibatches(data.num_examples, settings.batch_size, settings.local_epochs, gen):

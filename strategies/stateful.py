@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+
+from fedsim.records import to_numpy, to_record, to_torch  # a leaf module: no import cycle
 
 from .base import SeededSampling
 
@@ -28,23 +30,6 @@ NDArrays = dict[str, np.ndarray]
 
 
 # ----------------------------------------------------------------------------- records <-> tensors
-
-
-def to_record(tensors: dict[str, Any]) -> ArrayRecord:
-    """An ArrayRecord from named torch tensors or NumPy arrays (order kept)."""
-    out = {}
-    for k, v in tensors.items():
-        arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-        out[k] = Array(np.ascontiguousarray(arr))
-    return ArrayRecord(out)
-
-
-def to_numpy(record: ArrayRecord) -> NDArrays:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def to_torch(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
 
 
 def load_state(state: RecordDict, key: str) -> dict[str, torch.Tensor] | None:
