@@ -12,8 +12,8 @@ between them), wall time measured by this process from spawn to exit:
            with flwr.serverapp.strategy.FedAvg, ClientApp with @app.train, DataLoader over
            an IidPartitioner partition (of the in-memory digits, not the hub), run by
            flwr.simulation.run_simulation with client_resources num_cpus 1
-  inline   fedsim.engines.run_scenario, engine inline
-  ray      fedsim.engines.run_scenario, engine ray (one actor per CPU)
+  inline   `python -m fedsim W1.yaml --quiet`, engine inline (the command a user runs)
+  ray      `python -m fedsim W1.yaml --quiet`, engine ray (one actor per CPU)
 
 Targets: inline within 1.5x of bare; ray at least 3x faster than flower.
 Usage: python benchmarks/engine_overhead.py [--rounds 60] [--only bare,inline]
@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -225,33 +227,30 @@ def run_flower(rounds: int) -> None:
     emit(accuracy=final.get("accuracy"), round_s=[b - a for a, b in zip(stamps, stamps[1:])])
 
 
-# ----------------------------------------------------------------------------- (c, d) fedsim
-
-
-def run_fedsim(engine: str, rounds: int) -> None:
-    from fedsim.engines import run_scenario
-    from fedsim.scenario import parse_scenario
-
-    with tempfile.TemporaryDirectory() as out:
-        summary = run_scenario(parse_scenario(w1_raw(engine, rounds)), out, progress=False)
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    emit(accuracy=summary["accuracy"], round_s=[r["wall_s"] for r in rows])
-
-
 # ----------------------------------------------------------------------------- parent
 
 
 def spawn(variant: str, rounds: int, prep: Path) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    out = prep.parent / f"out-{variant}"
+    if variant in ("inline", "ray"):
+        scenario = prep.parent / f"w1-{variant}.yaml"
+        scenario.write_text(yaml.safe_dump(w1_raw(variant, rounds), sort_keys=False))
+        cmd = [sys.executable, "-m", "fedsim", str(scenario), "--out", str(out), "--quiet"]
+    else:
+        cmd = [sys.executable, __file__, "--child", variant, "--rounds", str(rounds), "--prep", str(prep)]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", variant, "--rounds", str(rounds),
-                           "--prep", str(prep)], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode})")
+    if variant in ("inline", "ray"):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        return {"wall": wall, "accuracy": summary["accuracy"], "round_s": [r["wall_s"] for r in rows]}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return {"wall": wall, **json.loads(lines[-1][len("RESULT "):])}
 
 
@@ -264,7 +263,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("bare", "flower"), help=argparse.SUPPRESS)
     ap.add_argument("--prep", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -272,8 +271,6 @@ def main() -> None:
         return run_bare(args.prep, args.rounds)
     if args.child == "flower":
         return run_flower(args.rounds)
-    if args.child in ("inline", "ray"):
-        return run_fedsim(args.child, args.rounds)
 
     variants = [v for v in args.only.split(",") if v]
     if "bare" not in variants:

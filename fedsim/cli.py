@@ -33,19 +33,18 @@ def _parser(validate: bool) -> argparse.ArgumentParser:
     return p
 
 
-def prepare(path: str, overrides: list[str]):
-    """Validate scenario and data before anything is written; raise ScenarioError on bad input."""
-    from .data import DataError
-    from .scenario import ScenarioError, load_scenario
-    from .world import world_from_text
+def prepare(path: str, overrides: list[str], *, check_data: bool = True):
+    """Validate the scenario (and its data, if ``check_data``) before anything is written.
+
+    Raises ScenarioError on bad input. The ray engine checks the data itself, while Ray
+    starts (RayGrid), still before any output exists.
+    """
+    from .scenario import load_scenario
+    from .world import checked_world
 
     scenario = load_scenario(path, overrides)
-    try:
-        world_from_text(scenario.to_yaml())  # cached: the run reuses it
-    except (DataError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        # Data-layer messages start with the key under data. they concern (or none).
-        raise ScenarioError(f"data.{msg}" if ":" in msg.split(" ")[0] else f"data: {msg}") from None
+    if check_data or scenario.engine.name != "ray":
+        checked_world(scenario.to_yaml())  # cached: the run reuses it
     return scenario
 
 
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from .scenario import ScenarioError
 
     try:
-        scenario = prepare(args.scenario, args.overrides)
+        scenario = prepare(args.scenario, args.overrides, check_data=validate)
     except ScenarioError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -89,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
     try:
         summary = run_scenario(scenario, out_dir, progress=scenario.output.progress and not args.quiet)
+    except ScenarioError as exc:  # data the engine found bad before writing anything
+        print(f"fedsim: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"fedsim: interrupted; rounds completed so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
         return 130

@@ -82,6 +82,23 @@ def world_from_text(scenario_yaml: str) -> World:
     return world
 
 
+def checked_world(scenario_yaml: str) -> World:
+    """``world_from_text``, with data that cannot be loaded or split reported as bad input.
+
+    Raises ScenarioError naming the ``data.`` key concerned, the one-line error the CLI
+    prints with exit code 2.
+    """
+    from .data import DataError
+    from .scenario import ScenarioError
+
+    try:
+        return world_from_text(scenario_yaml)
+    except (DataError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # Data-layer messages start with the key under data. they concern (or none).
+        raise ScenarioError(f"data.{msg}" if ":" in msg.split(" ")[0] else f"data: {msg}") from None
+
+
 def adopt_world(scenario_yaml: str, world: World) -> None:
     """Use a world built elsewhere (an engine shipping it to its workers) instead of rebuilding it."""
     _WORLDS[scenario_yaml] = world

@@ -38,10 +38,10 @@ def small_scenario():
 def local_ray():
     """One local Ray instance for a test module (RayGrid joins it instead of starting its own)."""
     ray = pytest.importorskip("ray")
-    from fedsim.engines.ray import start_local_ray
+    from fedsim.engines.ray import start_local_ray, stop_local_ray
 
     started = not ray.is_initialized()
     start_local_ray(num_cpus=2)
     yield
     if started:
-        ray.shutdown()
+        stop_local_ray()

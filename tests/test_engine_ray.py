@@ -88,3 +88,20 @@ def test_state_survives_rounds_and_failures_do_not_stop_the_run(local_ray, small
     failures = [r["failures"] for r in rows(tmp_path)]
     assert failures == [2 if r == CRASH_ROUND else 1 for r in range(1, rounds + 1)]
     assert all(r["participants"] == 4 - f for r, f in zip(rows(tmp_path), failures))
+
+
+def test_bad_data_is_bad_input_before_any_output(local_ray, tmp_path, capsys):
+    """The ray engine checks the data while Ray starts; a failure is still one line and exit 2."""
+    import yaml
+
+    from fedsim.cli import main
+    from tests.conftest import small_raw
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(small_raw(engine__name="ray", data__dataset="mnist",
+                                             data__root=str(tmp_path / "nowhere"))))
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedsim: error: data"), err
+    assert not out.exists()

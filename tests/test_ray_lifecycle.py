@@ -1,0 +1,22 @@
+"""A Ray instance fedsim starts is stopped completely (and without Ray's one-second stall)."""
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+
+def test_stop_local_ray_ends_every_process_ray_started():
+    import ray._private.worker as ray_worker
+
+    from fedsim.engines.ray import start_local_ray, stop_local_ray
+
+    if ray.is_initialized():
+        pytest.skip("another test module holds a Ray instance")
+    start_local_ray(num_cpus=1)
+    node = ray_worker._global_node
+    processes = [info.process for infos in node.all_processes.values() for info in infos]
+    assert len(processes) >= 3  # GCS, raylet, the autoscaler monitor, ...
+    stop_local_ray()
+    assert not ray.is_initialized()
+    still_running = [p.args[0] if isinstance(p.args, list) else p.args for p in processes if p.poll() is None]
+    assert not still_running, still_running
