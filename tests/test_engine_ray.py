@@ -105,3 +105,18 @@ def test_bad_data_is_bad_input_before_any_output(local_ray, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("fedsim: error: data"), err
     assert not out.exists()
+
+
+def test_more_actors_than_the_cluster_has_cpus_is_bad_input(local_ray, tmp_path, capsys):
+    import yaml
+
+    from fedsim.cli import main
+    from tests.conftest import small_raw
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(small_raw(engine__name="ray", engine__ray={"num_actors": 3})))  # cluster: 2 CPUs
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fedsim: error: engine.ray.num_actors: 3 actors need 3 CPUs; the Ray cluster has 2", err
+    assert not out.exists()

@@ -41,7 +41,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from ..scenario import RayConfig
+from ..scenario import RayConfig, ScenarioError
 from .inline import SimulatedNodesGrid, call_client
 
 # Dead actors are replaced at most this many times per pool slot; past that (an actor that
@@ -178,8 +178,8 @@ class RayGrid(SimulatedNodesGrid):
         fits = max(1, int(cpus // cfg.num_cpus_per_client))
         if wanted > fits:
             self.__exit__(None, None, None)
-            raise ValueError(f"engine.ray.num_actors={wanted} needs {wanted * cfg.num_cpus_per_client:g} CPUs; "
-                             f"the Ray cluster has {cpus:g}")
+            raise ScenarioError(f"engine.ray.num_actors: {wanted} actors need {wanted * cfg.num_cpus_per_client:g} "
+                                f"CPUs; the Ray cluster has {cpus:g}")
         size = max(1, min(wanted or fits, len(self.contexts)))
         self._actor_cls = ray.remote(ClientAppActor).options(num_cpus=cfg.num_cpus_per_client)
         self._world_args: tuple = ()
