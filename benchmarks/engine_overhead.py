@@ -16,6 +16,10 @@ between them), wall time measured by this process from spawn to exit:
   ray      `python -m fedsim W1.yaml --quiet`, engine ray (one actor per CPU)
 
 Targets: inline within 1.5x of bare; ray at least 3x faster than flower.
+
+Read the inline/bare ratio knowing two start-up costs the bare loop pays and fedsim does not:
+``torch.optim.SGD`` imports ``torch._dynamo`` (~1.5 s; fedsim calls the same update function,
+strategies/sgd.py), and interpreter teardown (`python -m fedsim` freezes the GC first).
 Usage: python benchmarks/engine_overhead.py [--rounds 60] [--only bare,inline]
 """
 
