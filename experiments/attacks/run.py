@@ -48,6 +48,12 @@ def mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def md_table(caption: str, columns: list[str], rows: list[str]) -> str:
+    """A caption, a blank line and a Markdown table with these columns and (formatted) rows."""
+    return (f"{caption}\n\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|\n"
+            + "\n".join(rows))
+
+
 def exp_dlg(seeds):
     rows, raw = [], {}
     for ds, size in (("patches", None), ("digits", None), ("digits", 32)):
@@ -63,9 +69,9 @@ def exp_dlg(seeds):
         rows.append(f"| {name} | {ok}/{seeds} | {statistics.median(r['psnr'] for r in runs):.1f} | "
                     f"{mean([r['ssim'] for r in runs]):.3f} | {mean([r['label_acc'] for r in runs]):.2f} | "
                     f"{sum(r['restarts'] for r in runs)} | {statistics.median(r['wall_s'] for r in runs):.1f} |")
-    md = ("DLG (joint soft label, L-BFGS strong Wolfe, restarts), sigmoid LeNet uniform init, batch 1, "
-          "300 steps\n\n| data | PSNR >= 30 dB | median PSNR | mean SSIM | label acc | restarts (all seeds) | "
-          "median wall s |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    md = md_table("DLG (joint soft label, L-BFGS strong Wolfe, restarts), sigmoid LeNet uniform init, batch 1, "
+                  "300 steps", ["data", "PSNR >= 30 dB", "median PSNR", "mean SSIM", "label acc",
+                                "restarts (all seeds)", "median wall s"], rows)
     return md, raw
 
 
@@ -80,8 +86,8 @@ def exp_labels(seeds):
             raw[f"{ds} b{b}"] = accs
             method = "iDLG (argmin row sum)" if b == 1 else "bias-gradient count estimate"
             rows.append(f"| {ds} | {b} | {method} | {100 * mean(accs):.1f}% | {sum(a == 1 for a in accs)}/{seeds} |")
-    md = ("Label recovery, sigmoid LeNet uniform init, analytic (no optimisation)\n\n"
-          "| data | batch | method | label accuracy | exact batches |\n|---|---|---|---|---|\n" + "\n".join(rows))
+    md = md_table("Label recovery, sigmoid LeNet uniform init, analytic (no optimisation)",
+                  ["data", "batch", "method", "label accuracy", "exact batches"], rows)
     return md, raw
 
 
@@ -99,10 +105,10 @@ def exp_ig(seeds, iterations=1000):
                         f"{max(r['psnr'] for r in runs):.1f} | {mean([r['ssim'] for r in runs]):.3f} | "
                         f"{100 * mean([r['success20'] for r in runs]):.0f}% | {mean([r['label_acc'] for r in runs]):.2f} | "
                         f"{mean([r['wall_s'] for r in runs]):.0f} |")
-    md = (f"Inverting Gradients (cosine + 1e-4 TV, signed Adam 0.1, {iterations} iterations, labels recovered "
-          "analytically), sigmoid LeNet (digits: uniform init, patches: default init), gradient threat\n\n"
-          "| data | batch | mean PSNR | best PSNR | mean SSIM | images >= 20 dB | label acc | wall s |\n"
-          "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    md = md_table(f"Inverting Gradients (cosine + 1e-4 TV, signed Adam 0.1, {iterations} iterations, labels "
+                  "recovered analytically), sigmoid LeNet (digits: uniform init, patches: default init), gradient threat",
+                  ["data", "batch", "mean PSNR", "best PSNR", "mean SSIM", "images >= 20 dB", "label acc", "wall s"],
+                  rows)
     return md, raw
 
 
@@ -123,10 +129,10 @@ def exp_dropout(seeds, iterations=1000):
             cells = " | ".join(f"{mean([r['psnr'] for r in res[k]]):.1f} / {mean([r['ssim'] for r in res[k]]):.2f}"
                                for k in ("ig", "dia", "ig_true_masks"))
             rows.append(f"| {ds} | {p} | {cells} |")
-    md = (f"Dropout: batch 1, labels known, sigmoid LeNet (digits: uniform init, patches: default init) with dropout before fc, {iterations} "
-          "iterations; cells are mean PSNR dB / mean SSIM\n\n"
-          "| data | p | plain IG (dropout off) | DIA | IG with the true masks, TV 1e-5 as DIA (upper bound) |\n"
-          "|---|---|---|---|---|\n" + "\n".join(rows))
+    md = md_table(f"Dropout: batch 1, labels known, sigmoid LeNet (digits: uniform init, patches: default init) "
+                  f"with dropout before fc, {iterations} iterations; cells are mean PSNR dB / mean SSIM",
+                  ["data", "p", "plain IG (dropout off)", "DIA",
+                   "IG with the true masks, TV 1e-5 as DIA (upper bound)"], rows)
     return md, raw
 
 
@@ -148,10 +154,9 @@ def exp_sme(seeds, iterations=600):
                     f"{mean([r['ssim'] for r in res['ig_unrolled']]):.2f} | {t_ig:.1f} | "
                     f"{mean([r['psnr'] for r in res['sme']]):.1f} / {mean([r['ssim'] for r in res['sme']]):.2f} | "
                     f"{t_sme:.1f} | {t_ig / t_sme:.1f}x |")
-    md = (f"Multi-step updates: 10 local SGD steps, lr 0.01, labels known, sigmoid LeNet (digits: uniform init, "
-          f"patches: default init), {iterations} iterations each; PSNR dB / SSIM (means)\n\n"
-          "| data | samples | local batch | unrolled IG | IG s | SME | SME s | speed-up |\n"
-          "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    md = md_table(f"Multi-step updates: 10 local SGD steps, lr 0.01, labels known, sigmoid LeNet (digits: uniform "
+                  f"init, patches: default init), {iterations} iterations each; PSNR dB / SSIM (means)",
+                  ["data", "samples", "local batch", "unrolled IG", "IG s", "SME", "SME s", "speed-up"], rows)
     return md, raw
 
 
