@@ -11,18 +11,20 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from strategies import ClientData, ServerSettings, TrainSettings, get_strategy
+from strategies import ClientData, ClientJob, ServerSettings, TrainSettings, get_strategy
+from strategies.compression import get_codec
+from strategies.records import to_record, to_torch
 
 from .metered import MeteredGrid
+from .observers import CentralEvaluation, ProgressObserver, ResultsObserver, RoundTiming, StrategyReport, evaluate
 from .progress import RoundProgress
-from .records import to_record, to_torch
 from .results import ResultsWriter
+from .rounds import run_rounds
 from .scenario import Scenario, load_scenario
 from .world import World, world_from_text
 
@@ -58,16 +60,21 @@ client_app = ClientApp()
 
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
-    world, model, data = _client_setup(context)
-    model.load_state_dict(to_torch(msg.content["arrays"]))
-    spec = get_strategy(world.scenario.strategy.name)
-    algorithm = spec.client(world.scenario.strategy_params())
-    settings = TrainSettings.from_config(msg.content["config"], data.partition_id)
-    result = algorithm.train(model, data, settings, msg.content, context.state)
-    metrics = {k: float(v) for k, v in result.metrics.items()}
-    metrics["num-examples"] = data.num_examples
-    reply = RecordDict({"arrays": to_record(model.state_dict()), "metrics": MetricRecord(metrics),
-                        **result.records})
+    """Train as the message says: every setting (strategy, its hyperparameters, codec) is read
+    from the message config; the scenario copy only gives this node its data and model."""
+    _, model, data = _client_setup(context)
+    config = msg.content["config"]
+    spec = get_strategy(str(config["strategy"]))
+    algorithm = spec.client(spec.params.model_validate_json(str(config["strategy-params"])))
+    sent = to_torch(msg.content["arrays"])
+    model.load_state_dict(sent)
+    job = ClientJob(model, data, TrainSettings.from_config(config, data.partition_id), msg.content,
+                    context.state, sent)
+    upload = algorithm.train(job)
+    reply = get_codec(str(config["codec"])).encode(upload, context.state)
+    reply["metrics"] = MetricRecord({**{k: float(v) for k, v in upload.metrics.items()},
+                                     "num-examples": data.num_examples})
+    reply["fedsim"] = ConfigRecord({"partition-id": data.partition_id})
     return Message(reply, reply_to=msg)
 
 
@@ -80,19 +87,6 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
-    if len(y) == 0:
-        return float("nan"), float("nan")
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(y), batch):
-        out = model(x[i : i + batch])
-        loss += float(nn.functional.cross_entropy(out, y[i : i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i : i + batch]).sum())
-    return loss / len(y), correct / len(y)
-
-
 # ----------------------------------------------------------------------------- server
 
 
@@ -100,7 +94,9 @@ def server_settings(s: Scenario) -> ServerSettings:
     t = s.train
     return ServerSettings(seed=s.seed, num_clients=s.data.num_clients, participation=t.participation,
                           sampling=t.sampling, lr=t.lr, lr_decay=t.lr_decay, local_epochs=t.local_epochs,
-                          batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay)
+                          batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
+                          strategy=s.strategy.name, strategy_params=s.strategy_params().model_dump_json(),
+                          codec=s.upload_codec())
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> None:
@@ -124,30 +120,13 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     writer = ResultsWriter(out_dir, scenario.to_yaml())
     metered = MeteredGrid(grid)
     wait_for_nodes(metered, scenario.data.num_clients, scenario.engine.timeout_s)
-    x_test, y_test = world.dataset.x_test, world.dataset.y_test
-    initial: dict[str, float] = {}
-    last = [time.perf_counter()]
+    evaluation = CentralEvaluation(model, world.dataset.x_test, world.dataset.y_test)
 
     with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
-
-        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            model.load_state_dict(to_torch(arrays))
-            loss, acc = evaluate(model, x_test, y_test)
-            if server_round == 0:
-                initial.update(accuracy=acc, loss=loss)
-                return MetricRecord({"accuracy": acc, "loss": loss})
-            now = time.perf_counter()
-            row = {"round": server_round, "accuracy": acc, "loss": loss, **metered.take_round(),
-                   "wall_s": now - last[0], "elapsed_s": now - start}
-            row.update(strategy.round_report(server_round))
-            last[0] = now
-            writer.add_round(row)
-            bar.advance(row)
-            return MetricRecord({"accuracy": acc, "loss": loss})
-
-        strategy.start(grid=metered, initial_arrays=to_record(model.state_dict()),
-                       num_rounds=scenario.train.rounds, timeout=scenario.engine.timeout_s,
-                       evaluate_fn=central_evaluate)
+        observers = [evaluation, RoundTiming(start), StrategyReport(strategy), ResultsObserver(writer),
+                     ProgressObserver(bar)]
+        run_rounds(strategy, metered, get_codec(scenario.upload_codec()), to_record(model.state_dict()),
+                   scenario.train.rounds, scenario.engine.timeout_s, observers)
 
     rows = writer.rows
     summary = {
@@ -155,7 +134,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         "accuracy": rows[-1]["accuracy"],
         "loss": rows[-1]["loss"],
         "best_accuracy": max(r["accuracy"] for r in rows),
-        "initial_accuracy": initial.get("accuracy"),
+        "initial_accuracy": evaluation.initial.get("accuracy"),
         "rounds": len(rows),
         "bytes_up_total": sum(r["bytes_up"] for r in rows),
         "bytes_down_total": sum(r["bytes_down"] for r in rows),

@@ -1,7 +1,8 @@
 """A Grid wrapper that counts what really travels, per round.
 
-bytes_down: the serialised arrays of every message sent; bytes_up: those of every reply
-(``ArrayRecord.count_bytes``: the NumPy-serialised payload of each array plus its key).
+bytes_down: the serialised arrays of every message sent; bytes_up: those of every reply,
+as encoded by the upload codec (``ArrayRecord.count_bytes``: the NumPy-serialised payload
+of each array plus its key).
 Works around any Grid (inline, Ray, deployment), so the count never depends on the engine.
 """
 
@@ -20,18 +21,12 @@ def payload_bytes(content: RecordDict) -> int:
 class MeteredGrid(Grid):
     def __init__(self, inner: Grid):
         self.inner = inner
-        self._reset()
+        self.bytes_up = self.bytes_down = 0
 
-    def _reset(self) -> None:
-        self.bytes_up = self.bytes_down = self.participants = self.failures = 0
-        self.loss_sum = self.loss_weight = 0.0
-
-    def take_round(self) -> dict:
-        """This round's counters (then reset)."""
-        out = {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "participants": self.participants,
-               "failures": self.failures,
-               "train_loss": self.loss_sum / self.loss_weight if self.loss_weight else None}
-        self._reset()
+    def take_round(self) -> tuple[int, int]:
+        """(bytes_up, bytes_down) since the last call."""
+        out = (self.bytes_up, self.bytes_down)
+        self.bytes_up = self.bytes_down = 0
         return out
 
     # Grid interface ---------------------------------------------------------------
@@ -50,9 +45,7 @@ class MeteredGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        for msg in messages:
-            if msg.has_content():
-                self.bytes_down += payload_bytes(msg.content)
+        self._count_sent(messages)
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -62,23 +55,14 @@ class MeteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        for msg in messages:
-            if msg.has_content():
-                self.bytes_down += payload_bytes(msg.content)
+        self._count_sent(messages)
         replies = sorted(self.inner.send_and_receive(messages, timeout=timeout),
                          key=lambda m: m.metadata.src_node_id)
         self._count_replies(replies)
         return replies
 
+    def _count_sent(self, messages: list[Message]) -> None:
+        self.bytes_down += sum(payload_bytes(m.content) for m in messages if m.has_content())
+
     def _count_replies(self, replies: list[Message]) -> None:
-        for reply in replies:
-            if reply.has_error():
-                self.failures += 1
-                continue
-            self.participants += 1
-            self.bytes_up += payload_bytes(reply.content)
-            metrics = reply.content.get("metrics")
-            if metrics is not None and "train_loss" in metrics:
-                weight = float(metrics.get("num-examples", 1))
-                self.loss_sum += float(metrics["train_loss"]) * weight
-                self.loss_weight += weight
+        self.bytes_up += sum(payload_bytes(m.content) for m in replies if not m.has_error())

@@ -1,8 +1,8 @@
 """Model zoo, sized from the data (channels, image size, classes).
 
 Every model is an ``nn.Sequential`` of named blocks, so a model can be split at any
-block by name (FedImpro's low/high split, attacks that read the last linear layer)
-without per-model code.
+block by name (FedImpro's low/high split, ``strategies.fedimpro.split_model``; attacks
+that read the last linear layer) without per-model code.
 
 - ``mlp``: flatten, hidden layers with ReLU, linear classifier.
 - ``lenet``: the sigmoid LeNet of DLG (Zhu et al., "Deep Leakage from Gradients",
@@ -142,16 +142,3 @@ def _resnet18(c: int, size: int, k: int, dropout: float, hidden: tuple[int, ...]
 
 
 _BUILDERS = {"mlp": _mlp, "lenet": _lenet, "cnn": _cnn, "resnet18": _resnet18}
-
-
-def split_model(model: nn.Sequential, after: str) -> tuple[nn.Sequential, nn.Sequential]:
-    """Split a zoo model into (low, high) after the block named ``after``.
-
-    The two halves share parameters with ``model``: training them trains it.
-    """
-    names = [name for name, _ in model.named_children()]
-    if after not in names[:-1]:
-        raise ValueError(f"cannot split after {after!r}; choose one of {', '.join(names[:-1])}")
-    cut = names.index(after) + 1
-    children = list(model.named_children())
-    return nn.Sequential(OrderedDict(children[:cut])), nn.Sequential(OrderedDict(children[cut:]))

@@ -159,6 +159,10 @@ class Scenario(_Strict):
         spec = get_strategy(self.strategy.name)
         return spec.params(**self.strategy.params())
 
+    def upload_codec(self) -> str:
+        """The upload codec's name (``none`` until the codecs issue adds others)."""
+        return "none" if self.upload == "none" else str(self.upload["codec"])
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -3,18 +3,24 @@
 The server side subclasses Flower's message-based strategies
 (``flwr.serverapp.strategy``); ``SeededSampling`` replaces Flower's unseeded node
 sampling with a seeded one (fixed fraction, or Bernoulli per client as FL-Simulator
-does) and sends each round's training settings in the message config, so the client
-trains with exactly what the server asked for (and an auditor knows it).
+does) and sends every setting a client uses in the message config (``client_config``:
+training settings, the strategy's name and hyperparameters, the upload codec), so the
+client trains with exactly what the server asked for, and an auditor knows it. The
+client never reads its own copy of the scenario for a setting.
 
-The client side is a ``ClientAlgorithm``: given the model loaded with the global
-weights, its data and the settings, it trains locally and returns metrics plus any
-extra records to upload. Persistent client state goes in Flower's ``Context.state``
-(a ``RecordDict``), so it works in simulation and deployment alike.
+fedavg and fedprox keep Flower's own ``FedAvg.aggregate_train``, so Flower's DP strategy
+wrappers (which insist on it) compose with them; strategies with their own rule derive
+from ``strategies.stateful.DeltaStrategy``.
+
+The client side is a ``ClientAlgorithm``: given a ``ClientJob`` (the model loaded with
+the global weights, its data, the settings, the message, ``Context.state``) it trains
+with the ``LocalTrainer`` and returns an ``Upload``. Persistent client state goes in
+Flower's ``Context.state`` (a ``RecordDict``), so it works in simulation and deployment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,12 +32,11 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedsim.records import weighted_mean  # a leaf module: no import cycle
+from .trainer import ClientData, LocalTrainer, TrainSettings
+from .upload import Upload
 
-from .sgd import LocalSGD
-
-# Independent RNG streams derived from the one scenario seed.
-SAMPLING_STREAM, CLIENT_STREAM = 1, 2
+# Independent RNG stream of the one scenario seed for client sampling (trainer.CLIENT_STREAM: local training).
+SAMPLING_STREAM = 1
 
 
 class NoParams(BaseModel):
@@ -54,46 +59,42 @@ class ServerSettings:
     batch_size: int = 32
     momentum: float = 0.0
     weight_decay: float = 0.0
+    strategy: str = "fedavg"
+    strategy_params: str = "{}"  # the hyperparameters as JSON, as the client reads them back
+    codec: str = "none"
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Local training settings, as read from the server's message config."""
+def client_config(s: ServerSettings, server_round: int) -> dict[str, Any]:
+    """Every setting a client uses in round ``server_round``: the one format, written here only.
 
-    server_round: int
-    lr: float
-    local_epochs: int
-    batch_size: int
-    momentum: float
-    weight_decay: float
-    seed: int
-
-    @classmethod
-    def from_config(cls, config: ConfigRecord, partition_id: int) -> "TrainSettings":
-        rnd = int(config["server-round"])
-        # Per client and round, independent of which other clients trained.
-        seed = int(np.random.default_rng([int(config["seed"]), CLIENT_STREAM, rnd, partition_id]).integers(2**62))
-        return cls(rnd, float(config["lr"]), int(config["local-epochs"]), int(config["batch-size"]),
-                   float(config["momentum"]), float(config["weight-decay"]), seed)
+    Read back by ``TrainSettings.from_config`` and ``ClientJob`` (``fedsim.apps``)."""
+    return {"server-round": server_round, "lr": s.lr * s.lr_decay ** (server_round - 1),
+            "local-epochs": s.local_epochs, "batch-size": s.batch_size, "momentum": s.momentum,
+            "weight-decay": s.weight_decay, "seed": s.seed, "strategy": s.strategy,
+            "strategy-params": s.strategy_params, "codec": s.codec}
 
 
 @dataclass
-class ClientData:
-    partition_id: int
-    x: torch.Tensor
-    y: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
+class ClientJob:
+    """Everything one client's training call gets: model (global weights loaded), data, settings,
+    the message content (extra records from the server) and the node's persistent state."""
 
-    @property
-    def num_examples(self) -> int:
-        return int(len(self.y))
+    model: nn.Module
+    data: ClientData
+    settings: TrainSettings
+    content: RecordDict
+    state: RecordDict
+    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # the global state dict, as received
 
+    def trainer(self) -> LocalTrainer:
+        return LocalTrainer(self.model, self.data, self.settings)
 
-@dataclass
-class TrainResult:
-    metrics: dict[str, float]
-    records: dict[str, Any] = field(default_factory=dict)  # extra ArrayRecords/MetricRecords to upload
+    def upload(self, trainer: LocalTrainer, metrics: dict[str, float] | None = None,
+               extras: dict[str, Any] | None = None) -> Upload:
+        """The model as it is now, with the trainer's metrics (or ``metrics``) and schedule."""
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return Upload(weights, self.sent, trainer.metrics() if metrics is None else metrics,
+                      extras or {}, trainer.schedule)
 
 
 class ClientAlgorithm:
@@ -102,42 +103,8 @@ class ClientAlgorithm:
     def __init__(self, params: BaseModel):
         self.params = params
 
-    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
-              content: RecordDict, state: RecordDict) -> TrainResult:
+    def train(self, job: ClientJob) -> Upload:
         raise NotImplementedError
-
-
-def minibatches(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches over ``epochs`` seeded passes (last partial batch kept)."""
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            yield perm[start : start + batch_size]
-
-
-def local_sgd(model: nn.Module, data: ClientData, settings: TrainSettings, *,
-              extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-              before_step: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
-    """Plain local SGD with optional loss term and gradient hook; returns mean loss and steps."""
-    # Dropout masks draw from the default CPU generator. (torch.manual_seed would also queue
-    # a lazy CUDA seeding that records a stack trace: ~1 ms a call.)
-    torch.default_generator.manual_seed(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
-    opt = LocalSGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                   weight_decay=settings.weight_decay)
-    model.train()
-    total, steps = 0.0, 0
-    for idx in minibatches(data.num_examples, settings.batch_size, settings.local_epochs, gen):
-        loss = nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
-        objective = loss + extra_loss(model) if extra_loss is not None else loss
-        opt.zero_grad()
-        objective.backward()
-        if before_step is not None:
-            before_step(model)
-        opt.step()
-        total += loss.item()
-        steps += 1
-    return {"train_loss": total / max(steps, 1), "local_steps": float(steps)}
 
 
 def sample_participants(node_ids: Iterable[int], server_round: int, seed: int,
@@ -154,7 +121,7 @@ def sample_participants(node_ids: Iterable[int], server_round: int, seed: int,
 
 
 class SeededSampling(FlowerFedAvg):
-    """Flower FedAvg with seeded sampling and the round's training settings in the config."""
+    """Flower FedAvg with seeded sampling and every client setting in the config."""
 
     def __init__(self, settings: ServerSettings, **kwargs: Any):
         super().__init__(fraction_train=settings.participation, fraction_evaluate=0.0,
@@ -163,11 +130,8 @@ class SeededSampling(FlowerFedAvg):
         self.settings = settings
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        s = self.settings
         out = ConfigRecord(dict(config))
-        out.update({"server-round": server_round, "lr": s.lr * s.lr_decay ** (server_round - 1),
-                    "local-epochs": s.local_epochs, "batch-size": s.batch_size,
-                    "momentum": s.momentum, "weight-decay": s.weight_decay, "seed": s.seed})
+        out.update(client_config(self.settings, server_round))
         return out
 
     def extra_records(self, server_round: int) -> dict[str, Any]:
@@ -187,16 +151,6 @@ class SeededSampling(FlowerFedAvg):
                              **self.extra_records(server_round)})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """Flower's FedAvg.aggregate_train (same checks, same arithmetic) on fedsim.records' decoding."""
-        # Reply order decides float summation order: sort for run-to-run identity.
-        ordered = sorted(replies, key=lambda m: m.metadata.src_node_id)
-        valid, _ = self._check_and_log_replies(ordered, is_train=True)
-        if not valid:
-            return None, None
-        contents = [m.content for m in valid]
-        return weighted_mean(contents, self.weighted_by_key), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-
 
 @dataclass(frozen=True)
 class StrategySpec:
@@ -206,3 +160,9 @@ class StrategySpec:
     params: type[BaseModel]
     server: Callable[[BaseModel, ServerSettings], FlowerFedAvg]
     client: Callable[[BaseModel], ClientAlgorithm]
+
+    def uses_flower_aggregation(self) -> bool:
+        """Whether the server aggregates with Flower's own ``FedAvg.aggregate_train`` (what Flower's
+        DP strategy wrappers and their accountant require), judged on one built with default settings."""
+        strategy = self.server(self.params(), ServerSettings(seed=0, num_clients=1))
+        return isinstance(strategy, FlowerFedAvg) and type(strategy).aggregate_train is FlowerFedAvg.aggregate_train

@@ -1,17 +1,15 @@
 """FedAvg: local SGD on each client, server averages the models weighted by examples.
 
 McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
-Data", AISTATS 2017. The server side is Flower's FedAvg (``aggregate_arrayrecords``
-weighted by ``num-examples``) with fedsim's seeded sampling.
+Data", AISTATS 2017. The server side is Flower's FedAvg, its ``aggregate_train``
+included (``aggregate_arrayrecords`` weighted by ``num-examples``), with fedsim's seeded
+sampling.
 """
 
 from __future__ import annotations
 
-from flwr.app import RecordDict
-from torch import nn
-
-from .base import (ClientAlgorithm, ClientData, NoParams, SeededSampling, StrategySpec,
-                   TrainResult, TrainSettings, local_sgd)
+from .base import ClientAlgorithm, ClientJob, NoParams, SeededSampling, StrategySpec
+from .upload import Upload
 
 
 class FedAvgStrategy(SeededSampling):
@@ -19,9 +17,10 @@ class FedAvgStrategy(SeededSampling):
 
 
 class FedAvgClient(ClientAlgorithm):
-    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
-              content: RecordDict, state: RecordDict) -> TrainResult:
-        return TrainResult(local_sgd(model, data, settings))
+    def train(self, job: ClientJob) -> Upload:
+        trainer = job.trainer()
+        trainer.run()
+        return job.upload(trainer)
 
 
 SPEC = StrategySpec(

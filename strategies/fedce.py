@@ -53,8 +53,9 @@ from flwr.serverapp import Grid
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, local_sgd
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
 from .stateful import DeltaStrategy, NDArrays, Reply, flat, load_state, save_state
+from .upload import Upload
 
 LAST_MODEL_KEY = "fedce.last_model"
 HISTORY_KEY = "fedce.history"
@@ -167,7 +168,7 @@ class FedCEStrategy(DeltaStrategy):
             self.c[n] = float(ai) * share
             self.last_weight[n] = float(ai)
         for r in replies:
-            self.partition[r.node_id] = int(r.metrics.get("partition-id", r.node_id))
+            self.partition[r.node_id] = r.partition_id if r.partition_id is not None else r.node_id
         total = sum(self.c.values())
         self.c = {n: v / total for n, v in self.c.items()}
 
@@ -206,11 +207,11 @@ class FedCEStrategy(DeltaStrategy):
 class FedCEClient(ClientAlgorithm):
     params: FedCEParams
 
-    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
-              content: RecordDict, state: RecordDict) -> TrainResult:
+    def train(self, job: ClientJob) -> Upload:
+        model, data, state = job.model, job.data, job.state
         global_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         acc_global = accuracy(model, data.x_val, data.y_val)  # performance fairness
-        weight = float(content[MESSAGE_KEY]["weight"]) if MESSAGE_KEY in content else 0.0
+        weight = float(job.content[MESSAGE_KEY]["weight"]) if MESSAGE_KEY in job.content else 0.0
         last = load_state(state, LAST_MODEL_KEY)
         hist = state.get(HISTORY_KEY)
         v_sum, v_count = (float(hist["v_sum"]), float(hist["v_count"])) if hist is not None else (0.0, 0.0)
@@ -221,15 +222,15 @@ class FedCEClient(ClientAlgorithm):
             model.load_state_dict(global_sd)
         state[HISTORY_KEY] = ConfigRecord({"v_sum": v_sum, "v_count": v_count})
 
-        metrics = local_sgd(model, data, settings)
+        trainer = job.trainer()
+        metrics = trainer.run()
         save_state(state, LAST_MODEL_KEY, model.state_dict())
         metrics.update({
             "fedce_sd": 1.0 - v_sum / v_count if v_count else 0.0,
             "fedce_has_sd": 1.0 if v_count else 0.0,
             "val_acc_global": acc_global,
-            "partition-id": float(data.partition_id),
         })
-        return TrainResult(metrics)
+        return job.upload(trainer, metrics)
 
 
 SPEC = StrategySpec(

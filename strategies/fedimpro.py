@@ -30,19 +30,17 @@ estimates travel to the clients beside the model (they count in bytes_down).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedsim.models import split_model  # a leaf module: no import cycle
-
-from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, minibatches
-from .sgd import LocalSGD
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
 from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, to_record, to_torch, weighted_sum
+from .upload import Upload
 
 LOCAL_KEY = "fedimpro.local"
 UPLOAD_KEY = "fedimpro.stats"
@@ -61,6 +59,17 @@ class FedImproParams(BaseModel):
 
 
 # ----------------------------------------------------------------------------- pure math
+
+
+def split_model(model: nn.Sequential, after: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a zoo model (an ``nn.Sequential`` of named blocks) into (low, high) after the block
+    named ``after``. The two halves share parameters with ``model``: training them trains it."""
+    names = [name for name, _ in model.named_children()]
+    if after not in names[:-1]:
+        raise ValueError(f"cannot split after {after!r}; choose one of {', '.join(names[:-1])}")
+    cut = names.index(after) + 1
+    children = list(model.named_children())
+    return nn.Sequential(OrderedDict(children[:cut])), nn.Sequential(OrderedDict(children[cut:]))
 
 
 def split_point(model: nn.Sequential, requested: str) -> str:
@@ -167,36 +176,30 @@ class FedImproStrategy(DeltaStrategy):
 class FedImproClient(ClientAlgorithm):
     params: FedImproParams
 
-    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
-              content: RecordDict, state: RecordDict) -> TrainResult:
-        p = self.params
+    def train(self, job: ClientJob) -> Upload:
+        p, model, data, settings = self.params, job.model, job.data, job.settings
         low, high = split_model(model, split_point(model, p.split_after))
         num_classes = num_classes_of(model)
         with torch.no_grad():
             feat_shape = tuple(low(data.x[:1]).shape[1:])
-        est = load_state(state, LOCAL_KEY)
+        est = load_state(job.state, LOCAL_KEY)
         if est is None or tuple(est["mu"].shape) != (num_classes, *feat_shape):
             est = {"mu": torch.zeros(num_classes, *feat_shape), "sigma": torch.zeros(num_classes, *feat_shape),
                    "seen_mu": torch.zeros(num_classes), "seen_sigma": torch.zeros(num_classes)}
         counts = torch.bincount(data.y, minlength=num_classes).float()
         n_pc = torch.full_like(counts, float(p.ema_count)) if p.ema_count else counts
 
-        ramp = float(content["config"].get("fedimpro-ramp", 0.0))
+        ramp = float(job.content["config"].get("fedimpro-ramp", 0.0))
         fake_mu = fake_sigma = fake_classes = None
-        if GLOBAL_KEY in content and ramp > 0:
-            g = to_torch(content[GLOBAL_KEY])
+        if GLOBAL_KEY in job.content and ramp > 0:
+            g = to_torch(job.content[GLOBAL_KEY])
             fake_classes = torch.nonzero(g["known"] > 0).flatten()
             fake_mu, fake_sigma = g["mu"], g["sigma"].abs()
 
-        torch.default_generator.manual_seed(settings.seed)  # dropout masks (see local_sgd)
-        gen = torch.Generator().manual_seed(settings.seed)
+        trainer = job.trainer()
         fake_gen = torch.Generator().manual_seed(settings.seed + 1)
-        opt = LocalSGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                       weight_decay=settings.weight_decay)
-        model.train()
-        total, total_fake, steps = 0.0, 0.0, 0
-        for idx in minibatches(data.num_examples, settings.batch_size, settings.local_epochs, gen):
-            xb, yb = data.x[idx], data.y[idx]
+        total_fake = 0.0
+        for xb, yb in trainer.batches():
             h = low(xb)
             update_estimates(est, h.detach(), yb, n_pc)
             if fake_classes is not None and len(fake_classes):
@@ -207,24 +210,18 @@ class FedImproClient(ClientAlgorithm):
                 out = high(torch.cat([h, h_fake]))
                 loss = nn.functional.cross_entropy(out[: len(yb)], yb)
                 loss_fake = nn.functional.cross_entropy(out[len(yb):], y_fake)
-                objective = loss + ramp * loss_fake
+                trainer.step(loss, loss + ramp * loss_fake)
                 total_fake += loss_fake.item()
             else:
-                loss = nn.functional.cross_entropy(high(h), yb)
-                objective = loss
-            opt.zero_grad()
-            objective.backward()
-            opt.step()
-            total += loss.item()
-            steps += 1
-        save_state(state, LOCAL_KEY, est)
+                trainer.step(nn.functional.cross_entropy(high(h), yb))
+        save_state(job.state, LOCAL_KEY, est)
 
         noise = torch.Generator().manual_seed(settings.seed + 2)
         up_mu = est["mu"] + p.noise_std * torch.randn(est["mu"].shape, generator=noise)
         up_sigma = est["sigma"] + p.noise_std * torch.randn(est["sigma"].shape, generator=noise)
         stats = to_record({"mu": up_mu, "sigma": up_sigma, "count": counts})
-        return TrainResult({"train_loss": total / max(steps, 1), "fake_loss": total_fake / max(steps, 1),
-                            "local_steps": float(steps)}, {UPLOAD_KEY: stats})
+        metrics = {**trainer.metrics(), "fake_loss": total_fake / max(trainer.steps, 1)}
+        return job.upload(trainer, metrics, {UPLOAD_KEY: stats})
 
 
 SPEC = StrategySpec(

@@ -1,20 +1,19 @@
 """FedProx: FedAvg whose clients add the proximal term (mu/2)||w - w_t||^2 to their loss.
 
 Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020. The server is
-Flower's FedProx (it sends ``proximal-mu`` in the config); the client reads mu from the
-message, so what the client does is what the server asked for.
+Flower's FedProx: it sends ``proximal-mu`` in the config, and the client reads mu from
+there (Flower's own key), so a fedsim client works under Flower's FedProx server too.
 """
 
 from __future__ import annotations
 
 import torch
-from flwr.app import RecordDict
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import (ClientAlgorithm, ClientData, SeededSampling, ServerSettings, StrategySpec, TrainResult,
-                   TrainSettings, local_sgd)
+from .base import ClientAlgorithm, ClientJob, SeededSampling, ServerSettings, StrategySpec
+from .upload import Upload
 
 
 class FedProxParams(BaseModel):
@@ -31,17 +30,19 @@ class FedProxStrategy(FlowerFedProx, SeededSampling):
 
 
 class FedProxClient(ClientAlgorithm):
-    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
-              content: RecordDict, state: RecordDict) -> TrainResult:
-        mu = float(content["config"]["proximal-mu"])
+    def train(self, job: ClientJob) -> Upload:
+        mu = float(job.content["config"]["proximal-mu"])
+        trainer = job.trainer()
         if mu == 0.0:
-            return TrainResult(local_sgd(model, data, settings))
-        anchor = [p.detach().clone() for p in model.parameters()]
+            trainer.run()
+            return job.upload(trainer)
+        anchor = [p.detach().clone() for p in job.model.parameters()]
 
         def proximal(m: nn.Module) -> torch.Tensor:
             return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchor))
 
-        return TrainResult(local_sgd(model, data, settings, extra_loss=proximal))
+        trainer.run(extra_loss=proximal)
+        return job.upload(trainer)
 
 
 SPEC = StrategySpec(

@@ -29,13 +29,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, minibatches
-from .sgd import LocalSGD
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
 from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, weighted_sum
+from .upload import Upload
 
 STATE_KEY = "fedspeed.h"
 
@@ -57,13 +56,6 @@ class FedSpeedStrategy(DeltaStrategy):
         self.params = params
         self.delta_sum: NDArrays | None = None  # code mode: sum over all clients and rounds of deltas
 
-    def round_config(self, server_round, config):
-        out = super().round_config(server_round, config)
-        p = self.params
-        out.update({"fedspeed-rho": p.rho, "fedspeed-lamb": p.lamb, "fedspeed-alpha": p.alpha,
-                    "fedspeed-max-norm": p.max_norm, "fedspeed-upload-xhat": p.server_correction == "participants"})
-        return out
-
     def aggregate(self, server_round: int, global_arrays: NDArrays, replies: list[Reply]) -> NDArrays:
         weights = examples_or_uniform(replies, self.params.weighting)
         mean = weighted_sum([r.arrays for r in replies], weights)
@@ -81,57 +73,48 @@ class FedSpeedStrategy(DeltaStrategy):
 class FedSpeedClient(ClientAlgorithm):
     params: FedSpeedParams
 
-    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
-              content: RecordDict, state: RecordDict) -> TrainResult:
-        cfg = content["config"]
-        rho, lamb = float(cfg["fedspeed-rho"]), float(cfg["fedspeed-lamb"])
-        alpha, max_norm = float(cfg["fedspeed-alpha"]), float(cfg["fedspeed-max-norm"])
-        names = [n for n, _ in model.named_parameters()]
-        params = [p for _, p in model.named_parameters()]
-        anchor = [p.detach().clone() for p in params]
-        stored = load_state(state, STATE_KEY)
+    def train(self, job: ClientJob) -> Upload:
+        p = self.params
+        rho, lamb, alpha, max_norm = p.rho, p.lamb, p.alpha, p.max_norm
+        names = [n for n, _ in job.model.named_parameters()]
+        trainer = job.trainer()
+        params = trainer.params
+        anchor = [q.detach().clone() for q in params]
+        stored = load_state(job.state, STATE_KEY)
         h = [stored[n] for n in names] if stored is not None else [torch.zeros_like(a) for a in anchor]
 
-        torch.default_generator.manual_seed(settings.seed)  # dropout masks (see local_sgd)
-        gen = torch.Generator().manual_seed(settings.seed)
-        opt = LocalSGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-        model.train()
-        total, steps = 0.0, 0
-        for idx in minibatches(data.num_examples, settings.batch_size, settings.local_epochs, gen):
-            xb, yb = data.x[idx], data.y[idx]
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            g1 = torch.autograd.grad(loss, params)
-            g = list(g1)
+        for xb, yb in trainer.batches():
+            loss = nn.functional.cross_entropy(job.model(xb), yb)
+            g1 = trainer.gradient(loss)
+            g = g1
             if rho > 0 and alpha > 0:
                 norm = torch.sqrt(sum((t * t).sum() for t in g1)) + 1e-12
                 eps = [rho * t / norm for t in g1]
                 with torch.no_grad():
-                    for p, e in zip(params, eps):
-                        p.add_(e)
-                g2 = torch.autograd.grad(nn.functional.cross_entropy(model(xb), yb), params)
+                    for q, e in zip(params, eps):
+                        q.add_(e)
+                g2 = trainer.gradient(nn.functional.cross_entropy(job.model(xb), yb))
                 with torch.no_grad():
-                    for p, e in zip(params, eps):
-                        p.sub_(e)
+                    for q, e in zip(params, eps):
+                        q.sub_(e)
                 g = [(1 - alpha) * a + alpha * b for a, b in zip(g1, g2)]
             with torch.no_grad():
-                for p, gi, hi, a in zip(params, g, h, anchor):
+                for q, gi, hi, a in zip(params, g, h, anchor):
                     d = gi - hi
                     if lamb:
-                        d = d + lamb * (p - a)
-                    p.grad = d
+                        d = d + lamb * (q - a)
+                    q.grad = d
             if max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
-            opt.step()
-            total += loss.item()
-            steps += 1
+            trainer.apply(loss)
 
         with torch.no_grad():
-            h_new = [hi - lamb * (p - a) for hi, p, a in zip(h, params, anchor)]
-            save_state(state, STATE_KEY, dict(zip(names, h_new)))
-            if bool(cfg["fedspeed-upload-xhat"]) and lamb > 0:
-                for p, hi in zip(params, h_new):  # x_hat = w_K - lambda * g_hat = w_K - h / lamb
-                    p.sub_(hi / lamb)
-        return TrainResult({"train_loss": total / max(steps, 1), "local_steps": float(steps)})
+            h_new = [hi - lamb * (q - a) for hi, q, a in zip(h, params, anchor)]
+            save_state(job.state, STATE_KEY, dict(zip(names, h_new)))
+            if p.server_correction == "participants" and lamb > 0:
+                for q, hi in zip(params, h_new):  # x_hat = w_K - lambda * g_hat = w_K - h / lamb
+                    q.sub_(hi / lamb)
+        return job.upload(trainer)
 
 
 SPEC = StrategySpec(

@@ -26,13 +26,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientData, ServerSettings, StrategySpec, TrainResult, TrainSettings, local_sgd
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
 from .stateful import (DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, param_tensors, save_state,
                        to_record, to_torch, weighted_sum)
+from .trainer import ClientData
+from .upload import Upload
 
 STATE_KEY = "scaffold.c_i"
 SERVER_KEY = "scaffold.c"
@@ -87,11 +88,11 @@ def full_gradient(model: nn.Module, data: ClientData, batch: int = 1024) -> dict
 class ScaffoldClient(ClientAlgorithm):
     params: ScaffoldParams
 
-    def train(self, model: nn.Module, data: ClientData, settings: TrainSettings,
-              content: RecordDict, state: RecordDict) -> TrainResult:
-        c = to_torch(content[SERVER_KEY])
+    def train(self, job: ClientJob) -> Upload:
+        model, data = job.model, job.data
+        c = to_torch(job.content[SERVER_KEY])
         x = param_tensors(model)
-        c_i = load_state(state, STATE_KEY) or {k: torch.zeros_like(v) for k, v in x.items()}
+        c_i = load_state(job.state, STATE_KEY) or {k: torch.zeros_like(v) for k, v in x.items()}
         correction = {k: c[k] - c_i[k] for k in x}
         if self.params.variant == "I":
             model.train()
@@ -102,15 +103,15 @@ class ScaffoldClient(ClientAlgorithm):
                 if p.grad is not None:
                     p.grad.add_(correction[name])
 
-        metrics = local_sgd(model, data, settings, before_step=before_step)
-        steps = metrics["local_steps"]
+        trainer = job.trainer()
+        trainer.run(before_step=before_step)
         y = param_tensors(model)
         if self.params.variant == "I":
             c_new = grad_x
         else:
-            c_new = {k: c_i[k] - c[k] + (x[k] - y[k]) / (steps * settings.lr) for k in x}
-        save_state(state, STATE_KEY, c_new)
-        return TrainResult(metrics, {UPLOAD_KEY: to_record({k: c_new[k] - c_i[k] for k in x})})
+            c_new = {k: c_i[k] - c[k] + (x[k] - y[k]) / (trainer.steps * job.settings.lr) for k in x}
+        save_state(job.state, STATE_KEY, c_new)
+        return job.upload(trainer, extras={UPLOAD_KEY: to_record({k: c_new[k] - c_i[k] for k in x})})
 
 
 SPEC = StrategySpec(

@@ -22,9 +22,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.records import to_numpy, to_record, to_torch  # a leaf module: no import cycle
-
 from .base import SeededSampling
+from .records import to_numpy, to_record, to_torch
 
 NDArrays = dict[str, np.ndarray]
 
@@ -62,6 +61,7 @@ class Reply:
     arrays: NDArrays
     metrics: dict[str, float]
     records: RecordDict
+    partition_id: int | None = None  # as the client's "fedsim" record states it
 
     @property
     def num_examples(self) -> float:
@@ -72,9 +72,10 @@ def unpack(replies: Iterable[Message], arrays_key: str = "arrays") -> list[Reply
     ok = sorted((m for m in replies if not m.has_error()), key=lambda m: m.metadata.src_node_id)
     out = []
     for m in ok:
-        metrics = m.content.get("metrics")
+        metrics, fedsim = m.content.get("metrics"), m.content.get("fedsim")
         out.append(Reply(int(m.metadata.src_node_id), to_numpy(m.content[arrays_key]),
-                         {k: float(v) for k, v in (metrics or {}).items()}, m.content))
+                         {k: float(v) for k, v in (metrics or {}).items()}, m.content,
+                         int(fedsim["partition-id"]) if fedsim is not None else None))
     return out
 
 

@@ -1,0 +1,104 @@
+"""The standard round observers, in the order the server runs them.
+
+Each reads the ``RoundRecord`` and adds its fields to ``record.row`` (the round's
+metrics.jsonl line); the results writer then writes the row and the progress bar shows it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from strategies.records import to_torch
+
+from .progress import RoundProgress
+from .results import ResultsWriter
+from .rounds import RoundObserver, RoundRecord
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on (x, y); NaNs for an empty set."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        out = model(x[i : i + batch])
+        loss += float(nn.functional.cross_entropy(out, y[i : i + batch], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + batch]).sum())
+    return loss / len(y), correct / len(y)
+
+
+class CentralEvaluation(RoundObserver):
+    """Accuracy and loss of the global model on the central test split (round 0 too)."""
+
+    def __init__(self, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor):
+        self.model, self.x, self.y = model, x_test, y_test
+        self.initial: dict[str, float] = {}
+
+    def _evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        self.model.load_state_dict(to_torch(arrays))
+        loss, acc = evaluate(self.model, self.x, self.y)
+        return {"accuracy": acc, "loss": loss}
+
+    def on_start(self, arrays: ArrayRecord) -> None:
+        self.initial = self._evaluate(arrays)
+
+    def on_round(self, record: RoundRecord) -> None:
+        record.row.update(self._evaluate(record.arrays))
+
+
+class RoundTiming(RoundObserver):
+    """Traffic, participation, the example-weighted train loss, the strategy's aggregated
+    train metrics, and the round's wall time (up to this observer, evaluation included)."""
+
+    def __init__(self, run_started: float):
+        self.run_started = run_started
+
+    def on_round(self, record: RoundRecord) -> None:
+        loss_sum = weight = 0.0
+        for node in record.replies:
+            metrics = node.reply.get("metrics")
+            if metrics is not None and "train_loss" in metrics:
+                w = float(metrics.get("num-examples", 1))
+                loss_sum += float(metrics["train_loss"]) * w
+                weight += w
+        now = time.perf_counter()
+        record.row.update({
+            "bytes_up": record.bytes_up, "bytes_down": record.bytes_down,
+            "participants": len(record.replies), "failures": len(record.failures),
+            "train_loss": loss_sum / weight if weight else None,
+            "wall_s": now - record.started, "elapsed_s": now - self.run_started,
+            "train_metrics": {k: float(v) for k, v in record.train_metrics.items()},
+        })
+
+
+class StrategyReport(RoundObserver):
+    """The strategy's own per-round fields (FedCE's contributions, FedImpro's known classes)."""
+
+    def __init__(self, strategy: Any):
+        self.strategy = strategy
+
+    def on_round(self, record: RoundRecord) -> None:
+        record.row.update(self.strategy.round_report(record.server_round))
+
+
+class ResultsObserver(RoundObserver):
+    def __init__(self, writer: ResultsWriter):
+        self.writer = writer
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.writer.add_round(record.row)
+
+
+class ProgressObserver(RoundObserver):
+    def __init__(self, bar: RoundProgress):
+        self.bar = bar
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.bar.advance(record.row)
