@@ -11,7 +11,8 @@ analytically first (``attacks.label_recovery``).
 
 For a multi-step update (the paper's Sec. 5, "federated averaging"), the client's local
 SGD steps are unrolled differentiably (``attacks.objective.local_sgd_update``) and the
-simulated weight update is matched to the observed one.
+simulated weight update is matched to the observed one. The replay uses the
+observation's batch schedule, momentum and weight decay when it has them.
 
 ``dropout_masks`` lets an analysis give the attack the client's true dropout masks
 (the upper bound of the Dropout Inversion paper's comparison); without them the model
@@ -75,7 +76,8 @@ class InvertingGradientsAttack(Attack):
             return batch_gradients(obs.model, params, x, labels, masks=masks)
         per_step = None if masks is None else [masks] * obs.local_steps
         return local_sgd_update(obs.model, params, x, labels, lr=obs.lr, steps=obs.local_steps,
-                                batch_size=obs.local_batch_size, masks_per_step=per_step)
+                                batch_size=obs.local_batch_size, schedule=obs.schedule,
+                                momentum=obs.momentum, weight_decay=obs.weight_decay, masks_per_step=per_step)
 
     def _objective(self, obs, params, x, labels, masks, target):
         sim = self._simulate(obs, params, x, labels, masks)

@@ -17,8 +17,12 @@
   (least squares of dW against db (lambda r)^T), then y = softmax(W x + b) - db.
   This recovers label smoothing and mixup labels exactly when the bias is trained.
 
-For a multi-step update the negated update divided by (lr * steps) stands in for the
-gradient (exact for one step, an average over the trajectory otherwise).
+For a multi-step update the negated update divided by (lr * S) stands in for the
+gradient, minus weight_decay * w (the decay term every step adds, taken at the sent
+weights): an average over the trajectory, exact for one step. S = T for plain SGD; with
+momentum m, step t's direction is applied again in every later step (weights
+1, m, m^2, ...), so S = sum over the T steps of (1 - m^(T-t)) / (1 - m).
+Which batches the steps saw (the schedule) does not enter: only the average is used.
 """
 
 from __future__ import annotations
@@ -28,17 +32,31 @@ import torch
 from .observation import Observation
 
 
+def momentum_steps(steps: int, momentum: float) -> float:
+    """S: how many times, in total, local SGD applies a (constant) gradient's lr step."""
+    # the gradient of the k-th last step is applied with weights 1, m, ..., m^(k-1)
+    return float(sum((1.0 - momentum ** k) / (1.0 - momentum) for k in range(1, steps + 1)))
+
+
+def _gradient(obs: Observation, index: int) -> torch.Tensor:
+    """The observed gradient of parameter ``index``, or its estimate from an update."""
+    if obs.gradients is not None:
+        return obs.gradients[index]
+    g = obs.update[index] * (-1.0 / (obs.lr * momentum_steps(obs.local_steps, obs.momentum)))
+    if obs.weight_decay:
+        g = g - obs.weight_decay * list(obs.model.parameters())[index]
+    return g
+
+
 def _last_layer_gradient(obs: Observation) -> tuple[torch.Tensor, torch.Tensor | None]:
     _, linear, w_idx = obs.last_linear()
-    upload = obs.upload()
-    scale = 1.0 if obs.gradients is not None else -1.0 / (obs.lr * obs.local_steps)
-    g_w = upload[w_idx] * scale
+    g_w = _gradient(obs, w_idx)
     g_b = None
     if linear.bias is not None:
         names = [n for n, _ in obs.model.named_parameters()]
         weight_name = names[w_idx]
         bias_name = weight_name[: -len("weight")] + "bias"
-        g_b = upload[names.index(bias_name)] * scale
+        g_b = _gradient(obs, names.index(bias_name))
     return g_w, g_b
 
 

@@ -105,25 +105,47 @@ def local_sgd_update(
     target: torch.Tensor,
     *,
     lr: float,
-    steps: int,
-    batch_size: int,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    schedule: Sequence[Sequence[int] | torch.Tensor] | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
     masks_per_step: Sequence[Sequence[torch.Tensor] | None] | None = None,
     create_graph: bool = True,
 ) -> list[torch.Tensor]:
-    """The client's update ``w_T - w_0`` after ``steps`` plain SGD steps.
+    """The client's update ``w_T - w_0`` after its local SGD steps (``attacks.observation``).
 
-    Step t uses samples ``[t*b, (t+1)*b)`` modulo ``len(x)`` (consecutive slices,
-    wrapping), the schedule the observation documents.
+    Step t trains on ``x[schedule[t]]``; without a schedule, on the consecutive slice
+    ``[t*b, (t+1)*b)`` modulo ``len(x)`` for ``steps`` steps of ``b = batch_size``.
+    The step is ``torch.optim.SGD(lr, momentum, weight_decay)`` (dampening 0, no
+    Nesterov): d = g + wd * w; buf = d on the first step, momentum * buf + d after;
+    w -= lr * buf. ``masks_per_step[t]`` holds per-sample dropout masks (one tensor
+    per dropout layer, first dimension ``len(x)``), indexed by step t's batch.
     """
-    n = x.shape[0]
+    if schedule is None:
+        if steps is None or batch_size is None:
+            raise ValueError("local_sgd_update needs a schedule, or steps and batch_size")
+        n = x.shape[0]
+        schedule = [torch.arange(t * batch_size, (t + 1) * batch_size) % n for t in range(steps)]
+    elif steps is not None and len(schedule) != steps:
+        raise ValueError(f"schedule has {len(schedule)} batches for {steps} steps")
     w = dict(params)
-    for t in range(steps):
-        idx = torch.arange(t * batch_size, (t + 1) * batch_size) % n
+    buffers = None
+    for t, idx in enumerate(schedule):
+        idx = torch.as_tensor(idx, dtype=torch.int64)
         masks = None if masks_per_step is None else masks_per_step[t]
         if masks is not None:
             masks = [m[idx] for m in masks]
-        grads = batch_gradients(model, w, x[idx], target[idx], masks=masks, create_graph=create_graph)
-        w = {k: v - lr * g for (k, v), g in zip(w.items(), grads)}
+        direction = batch_gradients(model, w, x[idx], target[idx], masks=masks, create_graph=create_graph)
+        # The branches skip exact no-ops, so that plain SGD stays the same arithmetic
+        # (bit for bit) as before momentum and weight decay were modelled.
+        if weight_decay:
+            direction = [g + weight_decay * v for v, g in zip(w.values(), direction)]
+        if momentum:
+            if buffers is not None:
+                direction = [momentum * b + d for b, d in zip(buffers, direction)]
+            buffers = direction
+        w = {k: v - lr * d for (k, v), d in zip(w.items(), direction)}
     return [w[k] - params[k] for k in params]
 
 

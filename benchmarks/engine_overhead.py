@@ -70,13 +70,11 @@ def prepare_bare(path: Path, rounds: int) -> None:
 
     from fedsim.scenario import parse_scenario
     from fedsim.world import build_world
-    from strategies import TrainSettings
+    from strategies.trainer import client_seed
 
     world = build_world(parse_scenario(w1_raw("inline", rounds)))
     clients = [world.client_tensors(i)[:2] for i in range(NUM_CLIENTS)]
-    seeds = [[TrainSettings.from_config({"server-round": r, "seed": SEED, "lr": LR, "local-epochs": 1,
-                                         "batch-size": BATCH, "momentum": 0.0, "weight-decay": 0.0}, i).seed
-              for i in range(NUM_CLIENTS)] for r in range(1, rounds + 1)]
+    seeds = [[client_seed(SEED, r, i) for i in range(NUM_CLIENTS)] for r in range(1, rounds + 1)]
     torch.save({"clients": clients, "x_test": world.dataset.x_test, "y_test": world.dataset.y_test,
                 "init": world.new_model().state_dict(), "seeds": seeds}, path)
 

@@ -18,12 +18,12 @@ Object dtypes are refused, as ``np.load(allow_pickle=False)`` refuses them.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
 _MAGIC = b"\x93NUMPY"
 _encode_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
@@ -99,24 +99,3 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def to_torch(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Torch tensors (own memory) of a record's arrays, by name: a loadable state dict."""
     return {k: torch.from_numpy(decode(v, writable=True)) for k, v in record.items()}
-
-
-def weighted_mean(contents: Iterable[RecordDict], weighting_key: str) -> ArrayRecord:
-    """Flower's ``aggregate_arrayrecords``, on cached decoding: the same operations in the same order.
-
-    Every ArrayRecord of every reply is averaged by name with weight ``metric / sum(metric)``,
-    where the metric is ``weighting_key`` of each reply's first MetricRecord; the float
-    arithmetic is Flower's, so the result is bit-identical to it.
-    """
-    contents = list(contents)
-    weights = [float(next(iter(c.metric_records.values()))[weighting_key]) for c in contents]
-    total = sum(weights)
-    acc: dict[str, np.ndarray] = {}
-    for content, w in zip(contents, (w / total for w in weights), strict=True):
-        for record in content.array_records.values():
-            for key, value in record.items():
-                if key not in acc:
-                    acc[key] = decode(value) * w
-                else:
-                    acc[key] += decode(value) * w
-    return to_record(acc)

@@ -10,6 +10,7 @@ from fedsim.engines import run_scenario
 from fedsim.engines.identity import enter_server_identity
 from fedsim.results import read_metrics
 from strategies.base import ServerSettings, TrainSettings, ClientData, sample_participants
+from tests.clients import train_client
 from strategies.fedavg import FedAvgStrategy
 from strategies.fedprox import FedProxClient, FedProxParams
 
@@ -78,7 +79,7 @@ def test_fedprox_pulls_towards_global():
         model = build_model("mlp", 1, 8, 10, hidden=(16,), seed=0)
         start = [p.detach().clone() for p in model.parameters()]
         content = RecordDict({"config": ConfigRecord({"proximal-mu": mu})})
-        FedProxClient(FedProxParams(mu=mu)).train(model, data, settings, content, RecordDict())
+        train_client(FedProxClient(FedProxParams(mu=mu)), model, data, settings, content, RecordDict())
         drift[mu] = sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(model.parameters(), start))
     assert drift[1.0] < 0.7 * drift[0.0]
 

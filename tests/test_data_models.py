@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedsim.data import DataError, load_dataset
-from fedsim.models import build_model, split_model
+from fedsim.models import build_model
+from strategies.fedimpro import split_model
 
 
 def _write_idx(path, array, gz=False):

@@ -12,7 +12,7 @@ from fedsim.engines import run_scenario
 from fedsim.engines.identity import enter_server_identity
 from fedsim.results import read_metrics
 from strategies import register_strategy
-from strategies.base import ClientAlgorithm, NoParams, StrategySpec, TrainResult, local_sgd
+from strategies.base import ClientAlgorithm, NoParams, StrategySpec
 from strategies.fedavg import FedAvgStrategy
 
 ROW_KEYS = {"round", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s", "participants", "failures"}
@@ -52,19 +52,22 @@ def test_same_seed_identical_metrics(tmp_path, small_scenario):
 
 
 class _FailOnPartitionZero(ClientAlgorithm):
-    def train(self, model, data, settings, content, state):
-        if data.partition_id == 0:
+    def train(self, job):
+        if job.data.partition_id == 0:
             raise RuntimeError("simulated client crash")
-        return TrainResult(local_sgd(model, data, settings))
+        trainer = job.trainer()
+        trainer.run()
+        return job.upload(trainer)
 
 
 class _CountingClient(ClientAlgorithm):
     """Counts its own calls in Context.state."""
 
-    def train(self, model, data, settings, content, state):
-        calls = int(state["counter"]["calls"]) + 1 if "counter" in state else 1
-        state["counter"] = ConfigRecord({"calls": calls})
-        return TrainResult({**local_sgd(model, data, settings), "calls": calls})
+    def train(self, job):
+        calls = int(job.state["counter"]["calls"]) + 1 if "counter" in job.state else 1
+        job.state["counter"] = ConfigRecord({"calls": calls})
+        trainer = job.trainer()
+        return job.upload(trainer, {**trainer.run(), "calls": calls})
 
 
 class _ReportCalls(FedAvgStrategy):

@@ -17,8 +17,8 @@ from fedsim.apps import server_app
 from fedsim.engines import RUN_ID, run_scenario, server_context
 from fedsim.engines.identity import enter_server_identity
 from fedsim.engines.inline import NODE_ID_BASE
-from strategies import ClientAlgorithm, StrategySpec, TrainResult, register_strategy
-from strategies.base import NoParams, local_sgd
+from strategies import ClientAlgorithm, StrategySpec, Upload, register_strategy
+from strategies.base import NoParams
 from strategies.fedavg import FedAvgStrategy
 
 ray = pytest.importorskip("ray")
@@ -29,14 +29,17 @@ FAILING, CRASHING, CRASH_ROUND = 1, 2, 2  # partition ids; the round in which CR
 class ProbeClient(ClientAlgorithm):
     """FedAvg's local SGD that counts its calls in Context.state, and misbehaves on purpose."""
 
-    def train(self, model, data, settings, content, state) -> TrainResult:
+    def train(self, job) -> Upload:
+        state = job.state
         seen = state["probe"] if "probe" in state else ConfigRecord({"calls": 0, "pids": []})
         state["probe"] = ConfigRecord({"calls": int(seen["calls"]) + 1, "pids": [*seen["pids"], os.getpid()]})
-        if data.partition_id == FAILING:
+        if job.data.partition_id == FAILING:
             raise RuntimeError("probe: this client always fails")
-        if data.partition_id == CRASHING and settings.server_round == CRASH_ROUND:
+        if job.data.partition_id == CRASHING and job.settings.server_round == CRASH_ROUND:
             os._exit(3)  # the actor process dies mid-call, as on a segfault or an OOM kill
-        return TrainResult(local_sgd(model, data, settings))
+        trainer = job.trainer()
+        trainer.run()
+        return job.upload(trainer)
 
 
 PROBE = StrategySpec(name="ray-probe", params=NoParams, server=lambda params, settings: FedAvgStrategy(settings),

@@ -1,12 +1,11 @@
-"""fedsim.records: Flower's Array format exactly, with cached headers."""
+"""strategies.records: Flower's Array format exactly, with cached headers."""
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import Array, ArrayRecord
 
-from fedsim import records
+from strategies import records
 
 CASES = [
     np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -60,18 +59,3 @@ def test_bad_data_is_refused():
         records.decode(bogus)
     with pytest.raises(TypeError):
         records.decode(Array(dtype="float32", shape=(1,), stype="torch.Tensor", data=b"\x00" * 4))
-
-
-def test_weighted_mean_is_bit_identical_to_flowers_aggregation():
-    rng = np.random.default_rng(0)
-    contents = []
-    for n in (3, 10, 7):
-        arrays = {"w": rng.normal(size=(5, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
-        contents.append(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                    "metrics": MetricRecord({"num-examples": n, "loss": 1.0})}))
-    ours, theirs = records.weighted_mean(contents, "num-examples"), aggregate_arrayrecords(contents, "num-examples")
-    assert list(ours.keys()) == list(theirs.keys())
-    for k in theirs:
-        assert ours[k].data == theirs[k].data
-    expected = sum(n * c["arrays"]["w"].numpy().astype(np.float64) for n, c in zip((3, 10, 7), contents)) / 20
-    np.testing.assert_allclose(records.decode(ours["w"]), expected, rtol=1e-6)

@@ -12,6 +12,7 @@ from fedsim.models import build_model
 from fedsim.results import read_metrics
 from fedsim.scenario import parse_scenario
 from strategies.base import ClientData, ServerSettings, TrainSettings
+from tests.clients import train_client
 from strategies.fedce import (LAST_MODEL_KEY, FedCEClient, FedCEParams, FedCEStrategy, accuracy, combine,
                               gradient_cosines, minus_model)
 from strategies.stateful import Reply, to_record
@@ -110,7 +111,7 @@ def test_client_scores_the_minus_model_on_its_validation_split():
     state = RecordDict({LAST_MODEL_KEY: to_record(last.state_dict())})
     content = RecordDict({"fedce": ConfigRecord({"weight": weight}), "config": ConfigRecord({})})
     settings = TrainSettings(2, 0.1, 1, 10, 0.0, 0.0, seed=1)
-    res = FedCEClient(FedCEParams()).train(glob, data, settings, content, state)
+    res = train_client(FedCEClient(FedCEParams()), glob, data, settings, content, state)
     assert res.metrics["fedce_has_sd"] == 1.0
     assert res.metrics["fedce_sd"] == pytest.approx(1 - v)
     assert state["fedce.history"]["v_count"] == 1.0

@@ -6,11 +6,12 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.engines import run_scenario
-from fedsim.models import MODEL_NAMES, build_model, split_model
+from fedsim.models import MODEL_NAMES, build_model
 from fedsim.results import read_metrics
 from fedsim.scenario import parse_scenario
 from strategies.base import ClientData, TrainSettings
-from strategies.fedimpro import (GLOBAL_KEY, LOCAL_KEY, UPLOAD_KEY, FedImproClient, FedImproParams,
+from tests.clients import train_client
+from strategies.fedimpro import (split_model, GLOBAL_KEY, LOCAL_KEY, UPLOAD_KEY, FedImproClient, FedImproParams,
                                  aggregate_gaussians, split_point, update_estimates)
 from strategies.stateful import to_record
 from tests.conftest import small_raw
@@ -84,11 +85,11 @@ def test_split_and_train_for_every_zoo_model(name):
     content = RecordDict({GLOBAL_KEY: to_record(glob), "config": ConfigRecord({"fedimpro-ramp": 0.5})})
     state = RecordDict()
     before = [p.detach().clone() for p in model.parameters()]
-    res = FedImproClient(FedImproParams()).train(model, ClientData(0, x, y, x[:0], y[:0]),
-                                                 TrainSettings(2, 0.05, 1, 12, 0.0, 0.0, seed=0), content, state)
+    res = train_client(FedImproClient(FedImproParams()), model, ClientData(0, x, y, x[:0], y[:0]),
+                       TrainSettings(2, 0.05, 1, 12, 0.0, 0.0, seed=0), content, state)
     assert res.metrics["fake_loss"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    up = res.records[UPLOAD_KEY]
+    up = res.extras[UPLOAD_KEY]
     assert up["mu"].numpy().shape == (3, *feat) and up["count"].numpy().tolist() == [4, 4, 4]
     assert state[LOCAL_KEY]["seen_mu"].numpy().tolist() == [1, 1, 1]
 
@@ -103,8 +104,8 @@ def test_sampled_features_train_the_high_part_only():
         m = build_model("mlp", 1, 4, 3, hidden=(8, 8), seed=0)
         glob = {"mu": torch.full((3, 8), 2.0), "sigma": torch.ones(3, 8), "known": torch.ones(3)}
         content = RecordDict({GLOBAL_KEY: to_record(glob), "config": ConfigRecord({"fedimpro-ramp": ramp})})
-        FedImproClient(FedImproParams()).train(m, ClientData(0, x, y, x[:0], y[:0]),
-                                               TrainSettings(2, 0.1, 1, 6, 0.0, 0.0, seed=0), content, RecordDict())
+        train_client(FedImproClient(FedImproParams()), m, ClientData(0, x, y, x[:0], y[:0]),
+                     TrainSettings(2, 0.1, 1, 6, 0.0, 0.0, seed=0), content, RecordDict())
         runs[ramp] = m
     torch.testing.assert_close(runs[0.0].hidden0[0].weight, runs[5.0].hidden0[0].weight)  # one step: low equal
     assert not torch.allclose(runs[0.0].fc.weight, runs[5.0].fc.weight)

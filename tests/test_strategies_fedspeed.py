@@ -11,6 +11,7 @@ from fedsim.models import build_model
 from fedsim.results import read_metrics
 from fedsim.scenario import parse_scenario
 from strategies.base import ClientData, ServerSettings, TrainSettings
+from tests.clients import train_client
 from strategies.fedavg import FedAvgClient
 from strategies.fedspeed import STATE_KEY, FedSpeedClient, FedSpeedParams, FedSpeedStrategy
 from strategies.stateful import Reply
@@ -27,24 +28,18 @@ def _data(n=48, seed=0):
 SETTINGS = TrainSettings(1, 0.1, 2, 16, 0.0, 1e-3, seed=3)
 
 
-def _content(**kw):
-    p = FedSpeedParams(**kw)
-    strategy = FedSpeedStrategy(p, ServerSettings(seed=0, num_clients=2, weight_decay=1e-3))
-    return RecordDict({"config": strategy.round_config(1, ConfigRecord({}))})
-
-
 def _model():
     return build_model("mlp", 1, 4, 3, hidden=(8,), seed=0)
 
 
 def test_client_with_rho_and_lamb_zero_is_local_sgd():
     a, b = _model(), _model()
-    FedAvgClient(None).train(a, _data(), SETTINGS, RecordDict(), RecordDict())
-    FedSpeedClient(FedSpeedParams()).train(b, _data(), SETTINGS, _content(rho=0, lamb=0, max_norm=0), RecordDict())
+    train_client(FedAvgClient(None), a, _data(), SETTINGS)
+    train_client(FedSpeedClient(FedSpeedParams(rho=0, lamb=0, max_norm=0)), b, _data(), SETTINGS)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
     c = _model()  # and the perturbation does change the steps (the test can fail)
-    FedSpeedClient(FedSpeedParams()).train(c, _data(), SETTINGS, _content(rho=0.5, lamb=0, max_norm=0), RecordDict())
+    train_client(FedSpeedClient(FedSpeedParams(rho=0.5, lamb=0, max_norm=0)), c, _data(), SETTINGS)
     assert max(float((pa - pc).detach().abs().max()) for pa, pc in zip(a.parameters(), c.parameters())) > 1e-4
 
 
@@ -75,8 +70,8 @@ def test_dual_update_and_paper_upload():
     from strategies.stateful import to_record
 
     s_code, s_paper = RecordDict({STATE_KEY: to_record(h0)}), RecordDict({STATE_KEY: to_record(h0)})
-    FedSpeedClient(None).train(m_code, _data(), SETTINGS, _content(lamb=lamb, server_correction="all"), s_code)
-    FedSpeedClient(None).train(m_paper, _data(), SETTINGS, _content(lamb=lamb), s_paper)
+    train_client(FedSpeedClient(FedSpeedParams(lamb=lamb, server_correction="all")), m_code, _data(), SETTINGS, state=s_code)
+    train_client(FedSpeedClient(FedSpeedParams(lamb=lamb)), m_paper, _data(), SETTINGS, state=s_paper)
     for (name, w_k), a, x_hat in zip(m_code.named_parameters(), w_t, m_paper.parameters()):
         h_new = torch.from_numpy(s_code[STATE_KEY][name].numpy())
         torch.testing.assert_close(h_new, h0[name] - lamb * (w_k.detach() - a), rtol=1e-5, atol=1e-6)
@@ -88,9 +83,8 @@ def test_prox_correction_pulls_towards_the_anchor():
     """With a large lamb the local model stays closer to w_t (the prox term acts)."""
     free, prox = _model(), _model()
     w_t = [p.detach().clone() for p in free.parameters()]
-    FedSpeedClient(None).train(free, _data(), SETTINGS, _content(lamb=0.0, rho=0.0), RecordDict())
-    FedSpeedClient(None).train(prox, _data(), SETTINGS, _content(lamb=5.0, rho=0.0, server_correction="all"),
-                               RecordDict())
+    train_client(FedSpeedClient(FedSpeedParams(lamb=0.0, rho=0.0)), free, _data(), SETTINGS)
+    train_client(FedSpeedClient(FedSpeedParams(lamb=5.0, rho=0.0, server_correction="all")), prox, _data(), SETTINGS)
     dist = lambda m: sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(m.parameters(), w_t))  # noqa: E731
     assert dist(prox) < 0.8 * dist(free)
 

@@ -12,6 +12,7 @@ from fedsim.models import build_model
 from fedsim.scenario import parse_scenario
 from strategies import register_strategy
 from strategies.base import ClientData, StrategySpec, TrainSettings
+from tests.clients import train_client
 from strategies.scaffold import STATE_KEY, ScaffoldClient, ScaffoldParams, ScaffoldStrategy
 from strategies.stateful import to_record
 from tests.conftest import small_raw
@@ -57,12 +58,12 @@ def test_option_two_control_variate_formula():
     c_i_old = {n: -0.02 * torch.ones_like(v) for n, v in x.items()}
     state = RecordDict({STATE_KEY: to_record(c_i_old)})
     content = RecordDict({"scaffold.c": to_record(c), "config": ConfigRecord({})})
-    res = ScaffoldClient(ScaffoldParams()).train(model, _data(), _settings(), content, state)
+    res = train_client(ScaffoldClient(ScaffoldParams()), model, _data(), _settings(), content, state)
     k = res.metrics["local_steps"]
     assert k == 8  # 40 samples, batch 10, 2 epochs
     y = {n: p.detach() for n, p in model.named_parameters()}
     c_i_new = {n: torch.from_numpy(a.numpy()) for n, a in state[STATE_KEY].items()}
-    delta_c = {n: torch.from_numpy(a.numpy()) for n, a in res.records["scaffold.delta_c"].items()}
+    delta_c = {n: torch.from_numpy(a.numpy()) for n, a in res.extras["scaffold.delta_c"].items()}
     for n in x:
         expected = c_i_old[n] - c[n] + (x[n] - y[n]) / (k * 0.1)
         torch.testing.assert_close(c_i_new[n], expected, rtol=1e-5, atol=1e-6)
@@ -75,9 +76,9 @@ def test_correction_changes_the_steps():
     b = build_model("mlp", 1, 4, 3, hidden=(8,), seed=0)
     zero = {n: torch.zeros_like(p) for n, p in a.named_parameters()}
     shift = {n: 0.5 * torch.ones_like(p) for n, p in a.named_parameters()}
-    ScaffoldClient(ScaffoldParams()).train(a, _data(), _settings(), RecordDict({"scaffold.c": to_record(zero)}),
+    train_client(ScaffoldClient(ScaffoldParams()), a, _data(), _settings(), RecordDict({"scaffold.c": to_record(zero)}),
                                           RecordDict())
-    ScaffoldClient(ScaffoldParams()).train(b, _data(), _settings(), RecordDict({"scaffold.c": to_record(shift)}),
+    train_client(ScaffoldClient(ScaffoldParams()), b, _data(), _settings(), RecordDict({"scaffold.c": to_record(shift)}),
                                           RecordDict())
     # y moves by an extra -lr * K * (c - c_i) = -0.1 * 8 * 0.5 per coordinate (up to the
     # gradients' own change along the shifted path)

@@ -1,6 +1,6 @@
 """The inline engine: an in-process Flower Grid that calls the ClientApp directly.
 
-No Ray, no serialisation, no start-up cost; the same ServerApp and ClientApp as every
+No Ray, no serialisation (each client gets a copy of its message), no start-up cost; the same ServerApp and ClientApp as every
 other engine. Each node keeps its own ``Context`` (so ``Context.state`` persists across
 rounds exactly as on a SuperNode). A ClientApp that raises becomes an error reply, as
 on a real SuperNode, and the round goes on.
@@ -8,6 +8,7 @@ on a real SuperNode, and the round goes on.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import traceback
 from collections.abc import Iterable
@@ -76,7 +77,11 @@ class InlineGrid(SimulatedNodesGrid):
         ids = []
         for msg in messages:
             mid = self.assign_id(msg)
-            self._replies[mid] = call_client(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
+            # Each client gets its own copy, as over a wire (or on Ray): Flower builds one round's
+            # messages around one shared RecordDict, and a client that edited it would change what
+            # the next client reads. The arrays' bytes are immutable and stay shared (~0.1 ms a copy).
+            self._replies[mid] = call_client(self.client_app, copy.deepcopy(msg),
+                                             self.contexts[msg.metadata.dst_node_id])
             ids.append(mid)
         return ids
 
