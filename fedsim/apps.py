@@ -13,15 +13,20 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from defenses import build_defense
+from defenses.dp_user import UNIFORM_WEIGHT_KEY
 from strategies import ClientData, ClientJob, ServerSettings, TrainSettings, get_strategy
+from strategies.base import fixed_sample_size
 from strategies.compression import get_codec
 from strategies.records import to_record, to_torch
 
 from .metered import MeteredGrid
-from .observers import CentralEvaluation, ProgressObserver, ResultsObserver, RoundTiming, StrategyReport, evaluate
+from .observers import CentralEvaluation, DefenseReport, ProgressObserver, ResultsObserver, RoundTiming, StrategyReport, evaluate
 from .progress import RoundProgress
 from .results import ResultsWriter
 from .rounds import run_rounds
@@ -61,7 +66,16 @@ client_app = ClientApp()
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
     """Train as the message says: every setting (strategy, its hyperparameters, codec) is read
-    from the message config; the scenario copy only gives this node its data and model."""
+    from the message config; the scenario copy only gives this node its data and model.
+
+    A config carrying Flower's clipping-norm key comes from Flower's client-side DP wrapper:
+    then Flower's own ``fixedclipping_mod`` clips the update this client sends."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, _train)
+    return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     _, model, data = _client_setup(context)
     config = msg.content["config"]
     spec = get_strategy(str(config["strategy"]))
@@ -72,8 +86,10 @@ def client_train(msg: Message, context: Context) -> Message:
                     context.state, sent)
     upload = algorithm.train(job)
     reply = get_codec(str(config["codec"])).encode(upload, context.state)
-    reply["metrics"] = MetricRecord({**{k: float(v) for k, v in upload.metrics.items()},
-                                     "num-examples": data.num_examples})
+    metrics = {**{k: float(v) for k, v in upload.metrics.items()}, "num-examples": data.num_examples}
+    if config.get(UNIFORM_WEIGHT_KEY):  # the server averages uniformly (dp_user)
+        metrics[UNIFORM_WEIGHT_KEY] = 1.0
+    reply["metrics"] = MetricRecord(metrics)
     reply["fedsim"] = ConfigRecord({"partition-id": data.partition_id})
     return Message(reply, reply_to=msg)
 
@@ -121,12 +137,20 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     metered = MeteredGrid(grid)
     wait_for_nodes(metered, scenario.data.num_clients, scenario.engine.timeout_s)
     evaluation = CentralEvaluation(model, world.dataset.x_test, world.dataset.y_test)
+    defenses = []
+    if scenario.defense != "none":
+        sampled = fixed_sample_size(scenario.data.num_clients, scenario.train.participation)
+        defenses.append(build_defense(scenario.defense, scenario.data.num_clients, sampled, scenario.seed))
+    running, train_config = strategy, {}
+    for defense in defenses:
+        running = defense.wrap_server(running)
+        train_config.update(defense.train_config())
 
     with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
-        observers = [evaluation, RoundTiming(start), StrategyReport(strategy), ResultsObserver(writer),
-                     ProgressObserver(bar)]
-        run_rounds(strategy, metered, get_codec(scenario.upload_codec()), to_record(model.state_dict()),
-                   scenario.train.rounds, scenario.engine.timeout_s, observers)
+        observers = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
+                     ResultsObserver(writer), ProgressObserver(bar)]
+        run_rounds(running, metered, get_codec(scenario.upload_codec()), to_record(model.state_dict()),
+                   scenario.train.rounds, scenario.engine.timeout_s, observers, ConfigRecord(train_config))
 
     rows = writer.rows
     summary = {

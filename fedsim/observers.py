@@ -88,6 +88,16 @@ class StrategyReport(RoundObserver):
         record.row.update(self.strategy.round_report(record.server_round))
 
 
+class DefenseReport(RoundObserver):
+    """A defense's privacy figures after the round (epsilon spent so far, delta ...)."""
+
+    def __init__(self, defense: Any):
+        self.defense = defense
+
+    def on_round(self, record: RoundRecord) -> None:
+        record.row.update(self.defense.report())
+
+
 class ResultsObserver(RoundObserver):
     def __init__(self, writer: ResultsWriter):
         self.writer = writer

@@ -90,14 +90,17 @@ def _node_round(node_id: int, sent: RecordDict, reply: Message | None, codec: Co
 
 
 def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arrays: ArrayRecord,
-               num_rounds: int, timeout: float, observers: Sequence[RoundObserver]) -> ArrayRecord:
-    """Train for ``num_rounds``; returns the final global arrays."""
+               num_rounds: int, timeout: float, observers: Sequence[RoundObserver],
+               train_config: ConfigRecord | None = None) -> ArrayRecord:
+    """Train for ``num_rounds``; returns the final global arrays. ``train_config`` is passed to
+    every ``configure_train`` (defenses add settings there, as Flower's DP wrappers do)."""
     arrays = initial_arrays
     for observer in observers:
         observer.on_start(arrays)
     for server_round in range(1, num_rounds + 1):
         started = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        config = ConfigRecord(dict(train_config or {}))  # a fresh copy: wrappers write into it
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
         sent = {m.metadata.dst_node_id: m.content for m in messages}
         replies: Iterable[Message] = grid.send_and_receive(messages, timeout=timeout)
         by_node = {m.metadata.src_node_id: m for m in replies}

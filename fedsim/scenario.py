@@ -125,14 +125,48 @@ class Scenario(_Strict):
     strategy: StrategyConfig = StrategyConfig()
     train: TrainConfig = TrainConfig()
     upload: Any = "none"
-    defense: Any = "none"
+    defense: Any = Field("none", description="none, or a defense with its settings (name: dp_user)")
     audit: Any = "none"
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
 
-    _check_upload = field_validator("upload", "defense", "audit", mode="before")(
+    _check_upload = field_validator("upload", "audit", mode="before")(
         lambda cls, v: _none_section(v)
     )
+
+    @field_validator("defense", mode="before")
+    @classmethod
+    def _defense(cls, v: Any) -> Any:
+        from defenses import DpUserParams
+
+        if v is None or v == "none":
+            return "none"
+        if not isinstance(v, dict) or v.get("name") != "dp_user":
+            name = v.get("name") if isinstance(v, dict) else v
+            raise _PathError(("defense", "name"), f"unknown defense {name!r}; choose none or dp_user")
+        try:
+            return DpUserParams(**v)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise _PathError(("defense", *map(str, err["loc"])), _describe(err, DpUserParams)) from None
+
+    @model_validator(mode="after")
+    def _defense_composes(self) -> "Scenario":
+        """Flower's accounted DP wrappers need FedAvg's own aggregation and a fixed sample size."""
+        if self.defense == "none":
+            return self
+        from strategies import get_strategy, strategy_names
+
+        if self.strategy.name not in strategy_names():
+            return self  # _strategy_known names the problem
+        if not get_strategy(self.strategy.name).uses_flower_aggregation():
+            raise _PathError(("defense", "name"),
+                             f"dp_user (Flower's DP strategy wrapper) needs a strategy that aggregates with Flower's "
+                             f"FedAvg.aggregate_train (fedavg, fedprox); {self.strategy.name} has its own rule")
+        if self.train.sampling != "fixed":
+            raise _PathError(("train", "sampling"), "dp_user's accountant needs a fixed number of clients "
+                             "per round: use sampling: fixed")
+        return self
 
     @model_validator(mode="after")
     def _strategy_known(self) -> "Scenario":

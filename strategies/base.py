@@ -20,6 +20,7 @@ Flower's ``Context.state`` (a ``RecordDict``), so it works in simulation and dep
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -107,6 +108,11 @@ class ClientAlgorithm:
         raise NotImplementedError
 
 
+def fixed_sample_size(num_clients: int, participation: float) -> int:
+    """Clients per round under ``fixed`` sampling."""
+    return max(1, int(round(participation * num_clients)))
+
+
 def sample_participants(node_ids: Iterable[int], server_round: int, seed: int,
                         participation: float, sampling: str) -> list[int]:
     """Seeded choice of this round's clients: ``fixed`` count or ``bernoulli`` per client."""
@@ -115,7 +121,7 @@ def sample_participants(node_ids: Iterable[int], server_round: int, seed: int,
     if sampling == "bernoulli":
         chosen = [i for i, u in zip(ids, rng.random(len(ids))) if u < participation]
         return chosen or [ids[int(rng.integers(len(ids)))]]  # never an empty round
-    k = max(1, int(round(participation * len(ids))))
+    k = fixed_sample_size(len(ids), participation)
     # Choose positions, not ids: real node ids are uint64 and numpy would turn them into floats.
     return sorted(ids[int(i)] for i in rng.choice(len(ids), size=k, replace=False))
 
@@ -164,5 +170,11 @@ class StrategySpec:
     def uses_flower_aggregation(self) -> bool:
         """Whether the server aggregates with Flower's own ``FedAvg.aggregate_train`` (what Flower's
         DP strategy wrappers and their accountant require), judged on one built with default settings."""
-        strategy = self.server(self.params(), ServerSettings(seed=0, num_clients=1))
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.ERROR)  # Flower's FedAvg warns about fraction_evaluate 0 on construction
+        try:
+            strategy = self.server(self.params(), ServerSettings(seed=0, num_clients=1))
+        finally:
+            flwr_log.setLevel(level)
         return isinstance(strategy, FlowerFedAvg) and type(strategy).aggregate_train is FlowerFedAvg.aggregate_train
