@@ -25,8 +25,9 @@ Conventions:
   numbered as ``labels`` (and the attack's candidate batch) are ordered. Without a
   schedule, step t uses the consecutive slice ``[t*b, (t+1)*b)`` modulo
   ``num_samples`` with ``b = local_batch_size`` (the default that predates schedules);
-  replaying a shuffling client that way puts the simulated update ~16% (relative L2)
-  off the uploaded one, so pass the schedule when the server knows it.
+  replaying an epoch-shuffling client that way put the simulated update 5-74%
+  (relative L2) off its upload (digits LeNet clients of 4-10 samples, 2-3 epochs; 57-70%
+  with momentum 0.9 left out), so pass what the server knows.
 
 Depends on torch only.
 """
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 THREATS = ("gradient", "update")
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _as_list(values, names: list[str], what: str) -> list[torch.Tensor]:
@@ -137,7 +139,8 @@ class Observation:
         docstring). With a schedule, ``local_batch_size`` defaults to its largest batch.
         """
         if schedule is not None:
-            schedule = [torch.as_tensor(idx, dtype=torch.int64).detach().clone() for idx in schedule]
+            # no dtype cast here: validate() rejects float indices rather than truncating them
+            schedule = [torch.as_tensor(idx).detach().clone() for idx in schedule]
             local_batch_size = local_batch_size or max((len(idx) for idx in schedule), default=0)
         return cls._build(model, state_dict, input_shape, num_classes, num_samples, labels, dropout, meta,
                           "update", update, lr=float(lr), local_steps=int(local_steps),
@@ -218,7 +221,8 @@ class Observation:
             raise ValueError(f"schedule has {len(self.schedule)} batches, local_steps is {self.local_steps}")
         for t, idx in enumerate(self.schedule):
             idx = torch.as_tensor(idx)  # a directly built Observation may hold lists
-            if idx.dim() != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.is_complex():
+            # signed integers only: bool and uint8 would index as masks, floats be truncated
+            if idx.dim() != 1 or idx.numel() == 0 or idx.dtype not in _INDEX_DTYPES:
                 raise ValueError(f"schedule[{t}] must be a non-empty 1-D list of integer sample indices, "
                                  f"got {idx.dtype} of shape {tuple(idx.shape)}")
             if idx.numel() > self.local_batch_size:
