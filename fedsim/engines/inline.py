@@ -13,7 +13,7 @@ import itertools
 import traceback
 from collections.abc import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -37,6 +37,24 @@ def call_client(client_app: ClientApp, msg: Message, context: Context) -> Messag
         last = traceback.extract_tb(exc.__traceback__)[-1]
         reason = f"{type(exc).__name__}: {exc} ({last.filename}:{last.lineno})"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def own_copy(msg: Message) -> Message:
+    """The message with its own records, as a client receives it over a wire (or on Ray).
+
+    Flower builds one round's messages around one shared RecordDict, so a client that edited
+    its content would change what the next client reads. The arrays' bytes are immutable
+    and stay shared: ~60 us a message (``copy.deepcopy`` costs ~110 us).
+    """
+    out = copy.copy(msg)
+    out.content = RecordDict({key: _own_record(rec) for key, rec in msg.content.items()})
+    return out
+
+
+def _own_record(record):
+    if isinstance(record, ArrayRecord):
+        return ArrayRecord(dict(record.items()))  # (builds new Array objects around the same bytes)
+    return type(record)({k: list(v) if isinstance(v, list) else v for k, v in record.items()})
 
 
 class SimulatedNodesGrid(Grid):
@@ -77,11 +95,7 @@ class InlineGrid(SimulatedNodesGrid):
         ids = []
         for msg in messages:
             mid = self.assign_id(msg)
-            # Each client gets its own copy, as over a wire (or on Ray): Flower builds one round's
-            # messages around one shared RecordDict, and a client that edited it would change what
-            # the next client reads. The arrays' bytes are immutable and stay shared (~0.1 ms a copy).
-            self._replies[mid] = call_client(self.client_app, copy.deepcopy(msg),
-                                             self.contexts[msg.metadata.dst_node_id])
+            self._replies[mid] = call_client(self.client_app, own_copy(msg), self.contexts[msg.metadata.dst_node_id])
             ids.append(mid)
         return ids
 
