@@ -1,8 +1,8 @@
 """FedProx: FedAvg whose clients add the proximal term (mu/2)||w - w_t||^2 to their loss.
 
 Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020. The server is
-Flower's FedProx: it sends ``proximal-mu`` in the config, and the client reads mu from
-there (Flower's own key), so a fedsim client works under Flower's FedProx server too.
+Flower's FedProx (it also writes Flower's own ``proximal-mu`` key); the client reads mu,
+like every setting, from the strategy hyperparameters in the message config.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class FedProxStrategy(FlowerFedProx, SeededSampling):
 
 class FedProxClient(ClientAlgorithm):
     def train(self, job: ClientJob) -> Upload:
-        mu = float(job.content["config"]["proximal-mu"])
+        mu = self.params.mu
         trainer = job.trainer()
         if mu == 0.0:
             trainer.run()

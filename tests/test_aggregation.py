@@ -78,8 +78,7 @@ def test_fedprox_pulls_towards_global():
     for mu in (0.0, 1.0):
         model = build_model("mlp", 1, 8, 10, hidden=(16,), seed=0)
         start = [p.detach().clone() for p in model.parameters()]
-        content = RecordDict({"config": ConfigRecord({"proximal-mu": mu})})
-        train_client(FedProxClient(FedProxParams(mu=mu)), model, data, settings, content, RecordDict())
+        train_client(FedProxClient(FedProxParams(mu=mu)), model, data, settings)
         drift[mu] = sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(model.parameters(), start))
     assert drift[1.0] < 0.7 * drift[0.0]
 

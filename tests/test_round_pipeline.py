@@ -131,3 +131,34 @@ def test_bad_defense_settings_name_the_key():
         parse_scenario(small_raw(defense={"name": "dp_user", "noise_multiplier": -1}))
     with pytest.raises(ScenarioError, match=r"^defense\.name: unknown defense 'dpsgd'"):
         parse_scenario(small_raw(defense={"name": "dpsgd"}))
+
+
+def test_the_client_follows_its_message_not_its_scenario_copy():
+    """The node's scenario copy says SCAFFOLD option II; the message says option I: option I runs."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from fedsim.apps import client_app
+    from fedsim.engines.identity import enter_server_identity
+    from fedsim.world import world_from_text
+    from strategies import ServerSettings, client_config
+    from strategies.records import to_numpy, to_record
+
+    text = parse_scenario(small_raw(strategy={"name": "scaffold", "variant": "II"})).to_yaml()
+    model = world_from_text(text).new_model()
+    c = {n: 0 * p.detach() for n, p in model.named_parameters()}
+    enter_server_identity(1)
+
+    def delta_c(variant: str):
+        settings = ServerSettings(seed=0, num_clients=4, strategy="scaffold",
+                                  strategy_params=json.dumps({"variant": variant}))
+        content = RecordDict({"arrays": to_record(model.state_dict()), "config": ConfigRecord(client_config(settings, 1)),
+                              "scaffold.c": to_record(c)})
+        msg = Message(content, 1000, MessageType.TRAIN, group_id="1")
+        msg.metadata.__dict__["_message_id"] = "m"
+        context = Context(run_id=1, node_id=1000, node_config={"partition-id": 0, "num-partitions": 4},
+                          state=RecordDict(), run_config={"scenario-yaml": text})
+        return to_numpy(client_app(msg, context).content["scaffold.delta_c"])
+
+    one, two, one_again = delta_c("I"), delta_c("II"), delta_c("I")
+    assert all((one[k] == one_again[k]).all() for k in one)
+    assert any(not (one[k] == two[k]).all() for k in one)
