@@ -34,6 +34,17 @@ def small_scenario():
     return lambda **kw: parse_scenario(small_raw(**kw))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Small nets: threads cost more than they give."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for a test module (RayGrid joins it instead of starting its own)."""

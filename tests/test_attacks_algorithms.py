@@ -8,12 +8,7 @@ from attacks.case import build_case
 from attacks.metrics import evaluate, label_accuracy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small nets: threads cost more than they give
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_dlg_digits_batch1_reaches_30db():

@@ -18,12 +18,7 @@ from fedsim.models import build_model
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small nets: threads cost more than they give
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(dropout: float = 0.0) -> torch.nn.Module:
