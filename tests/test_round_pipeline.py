@@ -162,3 +162,15 @@ def test_the_client_follows_its_message_not_its_scenario_copy():
     one, two, one_again = delta_c("I"), delta_c("II"), delta_c("I")
     assert all((one[k] == one_again[k]).all() for k in one)
     assert any(not (one[k] == two[k]).all() for k in one)
+
+
+def test_strategies_and_defenses_never_import_fedsim():
+    """The packages depend downward only (fedsim composes them), so there is no import cycle."""
+    code = ("import sys, strategies, defenses\n"
+            "from strategies import strategy_names, get_strategy\n"
+            "[get_strategy(n) for n in strategy_names()]\n"
+            "import strategies.compression\n"
+            "print(sorted(m for m in sys.modules if m == 'fedsim' or m.startswith('fedsim.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
