@@ -1,11 +1,14 @@
 """What a scenario resolves to in a process: the data set, each client's split, the model.
 
-Built once per process and cached by the scenario text (ClientApps in one worker
-process share it), so a round never reloads or re-partitions data.
+Built once per process for what it depends on (the seed, the ``data`` and ``model``
+sections), so a round never reloads or re-partitions data, and scenarios that differ only
+in how they train (``train``, ``strategy``, ``upload``, ``engine``, ``output``, ``name``)
+share one World.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,31 +17,52 @@ from torch import nn
 
 from .data import ImageDataset, load_dataset
 from .models import build_model
-from .partition import ClientSplit, partition_indices, train_val_split
-from .scenario import Scenario, scenario_from_text
+from .partition import ClientSplit, partition_indices, train_val_split, val_count
+from .scenario import DataConfig, ModelConfig, Scenario, scenario_from_text
 
+# Independent streams of the one scenario seed: 1 client sampling (strategies.base), 2 local
+# training (strategies.trainer), 3 model init, 4 data split, 5 DP noise (defenses.dp_user).
 MODEL_STREAM, SPLIT_STREAM = 3, 4
 
 
 @dataclass
 class World:
-    scenario: Scenario
+    """The data a scenario's clients and server use, and its initial model.
+
+    It keeps only the sections it is built from (``seed``, ``data``, ``model``), not the
+    scenario: one World serves every scenario with the same ``world_key``, so training
+    settings must come from the caller's own scenario or message, never from here.
+    """
+
+    seed: int
+    data: DataConfig
+    model: ModelConfig
     dataset: ImageDataset
-    splits: list[ClientSplit]
+    parts: list[np.ndarray]  # each client's share of the training set, before its train/val split
+    split_seed: int
     _tensors: dict = field(default_factory=dict, repr=False)
 
     def new_model(self) -> nn.Module:
         """The global model at round 0 (same weights in every process for one seed)."""
-        m = self.scenario.model
-        seed = int(np.random.default_rng([self.scenario.seed, MODEL_STREAM]).integers(2**62))
+        m = self.model
+        seed = int(np.random.default_rng([self.seed, MODEL_STREAM]).integers(2**62))
         return build_model(m.name, self.dataset.channels, self.dataset.image_size, self.dataset.num_classes,
                            dropout=m.dropout, hidden=tuple(m.hidden), init=m.init, seed=seed)
+
+    def client_split(self, partition_id: int) -> ClientSplit:
+        """One client's train/validation indices.
+
+        Drawn when the client is first needed, not for every client up front: each client
+        has its own seed, so the split is the same either way, and a round of 100 out of
+        100,000 clients pays for 100 generators (~17 us each), not 100,000.
+        """
+        return train_val_split(self.parts[partition_id], self.data.val_fraction, self.split_seed + partition_id)
 
     def client_tensors(self, partition_id: int) -> tuple[torch.Tensor, ...]:
         """(x, y, x_val, y_val) of one client, gathered once per process."""
         cached = self._tensors.get(partition_id)
         if cached is None:
-            split = self.splits[partition_id]
+            split = self.client_split(partition_id)
             ds = self.dataset
             cached = self._tensors[partition_id] = (ds.x_train[split.train], ds.y_train[split.train],
                                                      ds.x_train[split.val], ds.y_train[split.val])
@@ -63,22 +87,35 @@ def build_world(s: Scenario) -> World:
     parts = partition_indices(ds.y_train.numpy(), s.data.num_clients, p.name, seed=split_seed, alpha=p.alpha,
                               classes_per_client=p.classes_per_client, shards_per_client=p.shards_per_client,
                               min_partition_size=p.min_partition_size)
-    splits = [train_val_split(idx, s.data.val_fraction, split_seed + i) for i, idx in enumerate(parts)]
-    empty = [i for i, sp in enumerate(splits) if len(sp.train) == 0]
+    # Train sizes follow from the sizes alone: no split is drawn here (World.client_split does).
+    empty = [i for i, idx in enumerate(parts) if len(idx) - val_count(len(idx), s.data.val_fraction) == 0]
     if empty:
         raise ValueError(f"partition: client {empty[0]} gets no training samples "
                          f"({len(empty)} clients empty); use fewer clients or a larger alpha/k")
-    return World(s, ds, splits)
+    return World(s.seed, s.data, s.model, ds, parts, split_seed)
 
 
+def world_key(seed: int, data: DataConfig, model: ModelConfig) -> str:
+    """What a World depends on: the seed, the ``data`` and ``model`` sections (not train, strategy, ...)."""
+    return json.dumps([seed, data.model_dump(mode="json"), model.model_dump(mode="json")], sort_keys=True)
+
+
+# Worlds by world_key (each built once), and the same Worlds by scenario text: ClientApps
+# look their world up by text on every call, and that stays a dict hit, with no parsing.
+_BUILT: dict[str, World] = {}
 _WORLDS: dict[str, World] = {}
 
 
 def world_from_text(scenario_yaml: str) -> World:
-    """The world of a resolved scenario, built once per process."""
+    """The world of a resolved scenario; its data is built once per process per ``world_key``."""
     world = _WORLDS.get(scenario_yaml)
     if world is None:
-        world = _WORLDS[scenario_yaml] = build_world(scenario_from_text(scenario_yaml))
+        s = scenario_from_text(scenario_yaml)
+        key = world_key(s.seed, s.data, s.model)
+        world = _BUILT.get(key)
+        if world is None:
+            world = _BUILT[key] = build_world(s)
+        _WORLDS[scenario_yaml] = world
     return world
 
 
@@ -102,3 +139,4 @@ def checked_world(scenario_yaml: str) -> World:
 def adopt_world(scenario_yaml: str, world: World) -> None:
     """Use a world built elsewhere (an engine shipping it to its workers) instead of rebuilding it."""
     _WORLDS[scenario_yaml] = world
+    _BUILT.setdefault(world_key(world.seed, world.data, world.model), world)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
@@ -161,3 +162,22 @@ def test_interrupted_run_keeps_reported_rounds(tmp_path, capsys):
     assert "interrupted" in capsys.readouterr().err
     assert [r["round"] for r in read_metrics(tmp_path / "out")] == [1, 2]
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_node_contexts_made_on_first_use():
+    """Every node is listed from the start; its Context is made (once) when first addressed."""
+    from fedsim.engines.inline import NODE_ID_BASE, node_contexts
+
+    contexts = node_contexts(100_000, 1, {"scenario-yaml": "x"})
+    assert len(contexts) == 100_000 and list(contexts)[-1] == NODE_ID_BASE + 99_999
+    assert contexts._made == {}  # nothing made by listing the nodes
+    ctx = contexts[NODE_ID_BASE + 7]
+    assert ctx.node_config == {"partition-id": 7, "num-partitions": 100_000} and ctx.node_id == NODE_ID_BASE + 7
+    ctx.state["probe"] = ConfigRecord({"x": 1})
+    assert contexts[NODE_ID_BASE + 7] is ctx and len(contexts._made) == 1  # state persists
+    assert contexts[NODE_ID_BASE + 8].run_config == {"scenario-yaml": "x"}
+    assert contexts[NODE_ID_BASE + 8].run_config is not ctx.run_config  # each node its own copy
+    with pytest.raises(KeyError):
+        contexts[NODE_ID_BASE + 100_000]
+    with pytest.raises(KeyError):
+        contexts[NODE_ID_BASE - 1] = ctx

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -22,11 +22,50 @@ from flwr.supercore.run import Run
 NODE_ID_BASE = 1000  # node ids are NODE_ID_BASE + partition id, the same on every engine
 
 
-def node_contexts(num_nodes: int, run_id: int, run_config: dict) -> dict[int, Context]:
-    return {NODE_ID_BASE + i: Context(run_id=run_id, node_id=NODE_ID_BASE + i,
-                                      node_config={"partition-id": i, "num-partitions": num_nodes},
-                                      state=RecordDict(), run_config=dict(run_config))
-            for i in range(num_nodes)}
+class NodeContexts(MutableMapping):
+    """Every node's Context by node id, each made when its node is first addressed.
+
+    An untouched Context is only its ids and an empty state, so making it on first use
+    changes nothing a ClientApp sees, and 100,000 nodes of which a run samples a few
+    don't cost ~0.5 s and ~80 MB of Contexts up front. The node set is fixed.
+    """
+
+    def __init__(self, num_nodes: int, run_id: int, run_config: dict):
+        self._ids = range(NODE_ID_BASE, NODE_ID_BASE + num_nodes)
+        self._run_id, self._run_config = run_id, dict(run_config)
+        self._made: dict[int, Context] = {}
+
+    def __getitem__(self, node_id: int) -> Context:
+        context = self._made.get(node_id)
+        if context is None:
+            if node_id not in self._ids:
+                raise KeyError(node_id)
+            context = self._made[node_id] = Context(
+                run_id=self._run_id, node_id=node_id,
+                node_config={"partition-id": node_id - NODE_ID_BASE, "num-partitions": len(self._ids)},
+                state=RecordDict(), run_config=dict(self._run_config))
+        return context
+
+    def __setitem__(self, node_id: int, context: Context) -> None:
+        if node_id not in self._ids:
+            raise KeyError(node_id)
+        self._made[node_id] = context
+
+    def __delitem__(self, node_id: int) -> None:
+        raise TypeError("simulated nodes cannot be removed")
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._ids
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def node_contexts(num_nodes: int, run_id: int, run_config: dict) -> NodeContexts:
+    return NodeContexts(num_nodes, run_id, run_config)
 
 
 def call_client(client_app: ClientApp, msg: Message, context: Context) -> Message:
