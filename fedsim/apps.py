@@ -25,6 +25,7 @@ from strategies.base import fixed_sample_size
 from strategies.compression import get_codec
 from strategies.records import to_record, to_torch
 
+from .audit import QUERY_GRADIENT, AuditObserver, answer_gradient_query
 from .metered import MeteredGrid
 from .observers import CentralEvaluation, DefenseReport, ProgressObserver, ResultsObserver, RoundTiming, StrategyReport, evaluate
 from .progress import RoundProgress
@@ -94,6 +95,13 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
+@client_app.query(QUERY_GRADIENT)
+def client_audit_gradient(msg: Message, context: Context) -> Message:
+    """The audit's gradient threat: one batch gradient at the sent model (fedsim.audit)."""
+    _, model, data = _client_setup(context)
+    return Message(answer_gradient_query(msg.content, model, data.x, data.y, data.partition_id), reply_to=msg)
+
+
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
     _, model, data = _client_setup(context)
@@ -146,11 +154,19 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         running = defense.wrap_server(running)
         train_config.update(defense.train_config())
 
+    # The audit asks clients through the plain grid: its queries are not training traffic.
+    audit = (AuditObserver(scenario, world, grid, out_dir, scenario.engine.timeout_s)
+             if scenario.audit != "none" else None)
+
     with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
         observers = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
-                     ResultsObserver(writer), ProgressObserver(bar)]
-        run_rounds(running, metered, get_codec(scenario.upload_codec()), to_record(model.state_dict()),
-                   scenario.train.rounds, scenario.engine.timeout_s, observers, ConfigRecord(train_config))
+                     *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar)]
+        try:
+            run_rounds(running, metered, get_codec(scenario.upload_codec()), to_record(model.state_dict()),
+                       scenario.train.rounds, scenario.engine.timeout_s, observers, ConfigRecord(train_config))
+        finally:
+            if audit is not None:
+                audit.close()  # the run waits for the last attack
 
     rows = writer.rows
     summary = {
@@ -166,8 +182,9 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         "wall_s": time.perf_counter() - start,
         "engine": scenario.engine.name,
         "scenario": scenario.model_dump(mode="json"),
+        **(audit.summary() if audit else {}),
     }
-    writer.finish(summary, plot=scenario.output.plot)
+    writer.finish(summary, plot=scenario.output.plot, audit_rows=audit.rows if audit else None)
     return summary
 
 

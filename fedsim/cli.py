@@ -61,6 +61,10 @@ def _print_table(summary: dict, out_dir: Path) -> None:
     table.add_row("bytes up", f"{summary['bytes_up_total'] / 1e6:.2f} MB")
     table.add_row("bytes down", f"{summary['bytes_down_total'] / 1e6:.2f} MB")
     table.add_row("client failures", str(summary["failures_total"]))
+    if summary.get("audit_worst_psnr") is not None:
+        table.add_row("audit: worst PSNR", f"{summary['audit_worst_psnr']:.1f} dB (round "
+                      f"{summary['audit_worst_psnr_round']}, client {summary['audit_worst_psnr_client']}; "
+                      f"{summary['audits']} audits)")
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     table.add_row("results", str(out_dir))
     Console().print(table)

@@ -57,10 +57,36 @@ class ResultsWriter:
         self.rows.append(_clean(row))
         atomic_write(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
-    def finish(self, summary: dict[str, Any], plot: bool = True) -> None:
+    def finish(self, summary: dict[str, Any], plot: bool = True, audit_rows: list[dict[str, Any]] | None = None) -> None:
         atomic_write(self.dir / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")
         if plot and self.rows:
             self.plot_accuracy()
+            if audit_rows:
+                self.plot_audit(audit_rows)
+
+    def plot_audit(self, audit_rows: list[dict[str, Any]]) -> None:
+        """The audit's PSNR per audited round (every client, and the worst case) beside accuracy."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        scored = [r for r in audit_rows if r.get("psnr") is not None]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=120)
+        ax.scatter([r["round"] for r in scored], [r["psnr"] for r in scored], s=12, alpha=0.5, label="client")
+        rounds = sorted({r["round"] for r in scored})
+        worst = [max(r["psnr"] for r in scored if r["round"] == rnd) for rnd in rounds]
+        ax.plot(rounds, worst, color="C3", marker=".", label="worst (max)")
+        ax.axhline(20, color="grey", lw=0.8, ls="--")  # the success threshold of shared/specs/privacy.md
+        ax.set_xlabel("round")
+        ax.set_ylabel("audit PSNR (dB)")
+        twin = ax.twinx()
+        twin.plot([r["round"] for r in self.rows], [r["accuracy"] for r in self.rows], color="C2", alpha=0.7)
+        twin.set_ylabel("central test accuracy", color="C2")
+        ax.legend(loc="lower left", fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        self._save(fig, "audit_psnr.png")
 
     def plot_accuracy(self) -> None:
         import matplotlib
@@ -74,12 +100,17 @@ class ResultsWriter:
         ax.set_ylabel("central test accuracy")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".accuracy.", suffix=".png")
+        self._save(fig, "accuracy.png")
+
+    def _save(self, fig, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".png")
         os.fchmod(fd, _FILE_MODE)
         os.close(fd)
         fig.savefig(tmp)
         plt.close(fig)
-        os.replace(tmp, self.dir / "accuracy.png")
+        os.replace(tmp, self.dir / name)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:

@@ -111,6 +111,28 @@ class OutputConfig(_Strict):
     progress: bool = True
 
 
+class AuditConfig(_Strict):
+    """The per-round privacy audit: which attack the server runs on which clients' uploads."""
+
+    attack: str = Field("auto", description="a registered attack (python -m attacks --help), or auto")
+    attack_config: dict[str, Any] = Field(default_factory=dict, description="the attack's settings")
+    every: int = Field(1, ge=1, description="audit every N rounds (and always the last)")
+    clients: int | list[int] = Field(1, description="how many participants (seeded choice), or partition ids")
+    threat: Literal["update", "gradient"] = Field(
+        "update", description="update: what the client uploaded; gradient: one batch gradient on request")
+    batch_size: int | None = Field(None, ge=1, description="gradient threat's batch (default train.batch_size)")
+    seed: int = Field(0, ge=0, description="the attack's own seed")
+
+    @field_validator("clients")
+    @classmethod
+    def _clients(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a count must be >= 1")
+        if isinstance(v, list) and (not v or any(i < 0 for i in v) or len(set(v)) != len(v)):
+            raise ValueError("a list must hold distinct partition ids >= 0")
+        return v
+
+
 def _none_section(v: Any) -> Any:
     if v is None or v == "none":
         return "none"
@@ -126,13 +148,50 @@ class Scenario(_Strict):
     train: TrainConfig = TrainConfig()
     upload: Any = "none"
     defense: Any = Field("none", description="none, or a defense with its settings (name: dp_user)")
-    audit: Any = "none"
+    audit: Literal["none"] | AuditConfig = Field("none", description="none, or the per-round privacy audit")
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
 
-    _check_upload = field_validator("upload", "audit", mode="before")(
-        lambda cls, v: _none_section(v)
-    )
+    _check_upload = field_validator("upload", mode="before")(lambda cls, v: _none_section(v))
+
+    @field_validator("audit", mode="before")
+    @classmethod
+    def _audit(cls, v: Any) -> Any:
+        if v is None or v == "none":
+            return "none"
+        if not isinstance(v, dict):
+            raise _PathError(("audit",), "none, or a mapping (attack, attack_config, every, clients, threat, batch_size)")
+        try:
+            return AuditConfig(**v)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = [str(p) for p in err["loc"] if not isinstance(p, int) or err["loc"][0] != "clients"]
+            raise _PathError(("audit", *loc[:1]), _describe(err, AuditConfig)) from None
+
+    @model_validator(mode="after")
+    def _audit_fits(self) -> "Scenario":
+        if self.audit == "none":
+            return self
+        from attacks import ATTACKS
+
+        a = self.audit
+        if a.attack != "auto" and a.attack not in ATTACKS:
+            raise _PathError(("audit", "attack"), f"unknown attack {a.attack!r}; choose auto or one of "
+                             f"{', '.join(sorted(ATTACKS))}")
+        if isinstance(a.clients, list) and max(a.clients) >= self.data.num_clients:
+            raise _PathError(("audit", "clients"), f"partition id {max(a.clients)} does not exist "
+                             f"(data.num_clients is {self.data.num_clients})")
+        if isinstance(a.clients, int) and a.clients > self.data.num_clients:
+            raise _PathError(("audit", "clients"), f"{a.clients} clients but data.num_clients is {self.data.num_clients}")
+        if a.attack != "auto":
+            threats = ATTACKS[a.attack].threats
+            if a.threat not in threats:
+                raise _PathError(("audit", "threat"), f"{a.attack} attacks {' or '.join(threats)}, not {a.threat}")
+            try:
+                ATTACKS[a.attack](**a.attack_config)
+            except (TypeError, ValueError) as exc:
+                raise _PathError(("audit", "attack_config"), str(exc).splitlines()[0]) from None
+        return self
 
     @field_validator("defense", mode="before")
     @classmethod

@@ -159,13 +159,41 @@ class SeededSampling(FlowerFedAvg):
 
 
 @dataclass(frozen=True)
+class UploadView:
+    """What a client's upload means to an attacker who sees only what the server saw.
+
+    ``update`` is the uploaded weights minus the weights sent (by parameter name).
+    ``exact`` says whether plain local SGD from the sent weights, with the sent settings,
+    reproduces it (so an attack that replays local SGD models the client exactly); when not,
+    ``note`` says what the replay leaves out.
+    """
+
+    update: dict[str, np.ndarray]
+    exact: bool
+    note: str = ""
+
+
+def model_delta(sent: dict[str, np.ndarray], reply: RecordDict) -> dict[str, np.ndarray]:
+    uploaded = {k: v.numpy() for k, v in reply["arrays"].items()}
+    return {k: uploaded[k].astype(np.float64) - v.astype(np.float64) for k, v in sent.items()
+            if np.issubdtype(v.dtype, np.floating)}
+
+
+def local_sgd_view(sent: dict[str, np.ndarray], reply: RecordDict, params: BaseModel) -> UploadView:
+    """FedAvg's meaning: the upload is the model after plain local SGD."""
+    return UploadView(model_delta(sent, reply), exact=True)
+
+
+@dataclass(frozen=True)
 class StrategySpec:
-    """A registered strategy: hyperparameter model, server factory, client factory."""
+    """A registered strategy: hyperparameter model, server factory, client factory, and what its
+    upload means to an attacker (``observe``; default: the model after plain local SGD)."""
 
     name: str
     params: type[BaseModel]
     server: Callable[[BaseModel, ServerSettings], FlowerFedAvg]
     client: Callable[[BaseModel], ClientAlgorithm]
+    observe: Callable[[dict[str, np.ndarray], RecordDict, BaseModel], UploadView] = local_sgd_view
 
     def uses_flower_aggregation(self) -> bool:
         """Whether the server aggregates with Flower's own ``FedAvg.aggregate_train`` (what Flower's

@@ -38,7 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, model_delta
 from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, to_record, to_torch, weighted_sum
 from .upload import Upload
 
@@ -224,9 +224,14 @@ class FedImproClient(ClientAlgorithm):
         return job.upload(trainer, metrics, {UPLOAD_KEY: stats})
 
 
+def observe(sent, reply, params: FedImproParams) -> UploadView:
+    return UploadView(model_delta(sent, reply), exact=False,
+                      note="the replay leaves out the loss on sampled features (and sees the uploaded feature statistics only as bytes)")
+
 SPEC = StrategySpec(
     name="fedimpro",
     params=FedImproParams,
     server=lambda params, settings: FedImproStrategy(params, settings),
     client=FedImproClient,
+    observe=observe,
 )

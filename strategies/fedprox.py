@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedProx as FlowerFedProx
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, SeededSampling, ServerSettings, StrategySpec
+from .base import ClientAlgorithm, ClientJob, SeededSampling, ServerSettings, StrategySpec, UploadView, model_delta
 from .upload import Upload
 
 
@@ -45,9 +45,14 @@ class FedProxClient(ClientAlgorithm):
         return job.upload(trainer)
 
 
+def observe(sent, reply, params: FedProxParams) -> UploadView:
+    note = "" if params.mu == 0 else f"the replay leaves out the proximal term (mu={params.mu})"
+    return UploadView(model_delta(sent, reply), exact=params.mu == 0, note=note)
+
 SPEC = StrategySpec(
     name="fedprox",
     params=FedProxParams,
     server=lambda params, settings: FedProxStrategy(params, settings),
     client=FedProxClient,
+    observe=observe,
 )

@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, model_delta
 from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, weighted_sum
 from .upload import Upload
 
@@ -117,9 +117,15 @@ class FedSpeedClient(ClientAlgorithm):
         return job.upload(trainer)
 
 
+def observe(sent, reply, params: FedSpeedParams) -> UploadView:
+    what = "x_hat = w_K - h_i / lamb" if params.server_correction == "participants" and params.lamb > 0 else "w_K"
+    return UploadView(model_delta(sent, reply), exact=False,
+                      note=f"the upload is {what} after SAM steps with a prox correction; the replay is plain SGD")
+
 SPEC = StrategySpec(
     name="fedspeed",
     params=FedSpeedParams,
     server=lambda params, settings: FedSpeedStrategy(params, settings),
     client=FedSpeedClient,
+    observe=observe,
 )

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, model_delta
 from .stateful import (DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, param_tensors, save_state,
                        to_record, to_torch, weighted_sum)
 from .trainer import ClientData
@@ -114,9 +114,14 @@ class ScaffoldClient(ClientAlgorithm):
         return job.upload(trainer, extras={UPLOAD_KEY: to_record({k: c_new[k] - c_i[k] for k in x})})
 
 
+def observe(sent, reply, params: ScaffoldParams) -> UploadView:
+    return UploadView(model_delta(sent, reply), exact=False,
+                      note="the replay leaves out the control-variate correction c - c_i of every step")
+
 SPEC = StrategySpec(
     name="scaffold",
     params=ScaffoldParams,
     server=lambda params, settings: ScaffoldStrategy(params, settings),
     client=ScaffoldClient,
+    observe=observe,
 )

@@ -1,0 +1,263 @@
+"""The per-round privacy audit: the server attacks what a client really uploaded.
+
+Threat model (shared/specs/privacy.md): an honest-but-curious server. The attacker gets
+only what the server saw: the model it sent, the config it sent, and the decoded upload
+(``update`` threat), or one batch gradient the server asked the client for at the current
+global model (``gradient`` threat: the worst case for that round; the query changes no
+client state and no random stream of training). What each strategy's upload means to an
+attacker comes from the strategy (``StrategySpec.observe``); where plain local SGD does not
+reproduce it, the row says so (``exact_replay``, ``note``).
+
+Ground truth never travels: the auditor re-derives the target's true batch from the seeded
+sampler and the client's partition, off the training path, only to score the
+reconstruction. Attacks run in a worker process of their own while training goes on; rows
+land in audit.jsonl (and the reconstruction beside the truth in audit/) as each finishes,
+and the run waits for the last. Training metrics are the same with the audit on or off.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from strategies import TrainSettings, get_strategy
+from strategies.records import to_numpy, to_record, to_torch
+from strategies.trainer import EpochShuffleSampler
+
+from .results import _clean, atomic_write
+from .rounds import NodeRound, RoundObserver, RoundRecord
+from .scenario import AuditConfig, Scenario
+from .world import World
+
+AUDIT_STREAM = 6  # of the scenario seed (fedsim/world.py lists the others)
+QUERY_GRADIENT = "audit_gradient"  # the ClientApp query action ("query.audit_gradient")
+
+
+# ----------------------------------------------------------------------------- who and what
+
+
+def audited_round(server_round: int, every: int, num_rounds: int) -> bool:
+    return server_round % every == 0 or server_round == num_rounds
+
+
+def choose_targets(audit: AuditConfig, candidates: list[int], seed: int, server_round: int) -> list[int]:
+    """Partition ids to attack this round: a seeded choice of ``audit.clients`` among the
+    candidates, or the listed ids that are among them."""
+    if isinstance(audit.clients, list):
+        return [pid for pid in audit.clients if pid in candidates]
+    rng = np.random.default_rng([seed, AUDIT_STREAM, server_round])
+    k = min(audit.clients, len(candidates))
+    return sorted(int(candidates[int(i)]) for i in rng.choice(len(candidates), size=k, replace=False))
+
+
+def query_batch(num_examples: int, batch_size: int, seed: int, server_round: int, partition_id: int) -> np.ndarray:
+    """The gradient query's batch: positions in the client's training set (client and auditor
+    draw the same ones; they never travel)."""
+    rng = np.random.default_rng([seed, AUDIT_STREAM, server_round, partition_id, 1])
+    return np.sort(rng.choice(num_examples, size=min(batch_size, num_examples), replace=False))
+
+
+def batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """d(mean cross-entropy)/d(parameters) on (x, y), dropout active as in training, without
+    touching the caller's random streams."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        was = model.training
+        model.train()
+        loss = nn.functional.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        model.train(was)
+    return {name: g.detach() for (name, _), g in zip(model.named_parameters(), grads)}
+
+
+def answer_gradient_query(msg_content: RecordDict, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          partition_id: int) -> RecordDict:
+    """The client's side of the gradient threat: one batch gradient at the sent model."""
+    cfg = msg_content["config"]
+    model.load_state_dict(to_torch(msg_content["arrays"]))
+    rnd, seed = int(cfg["server-round"]), int(cfg["seed"])
+    idx = torch.from_numpy(query_batch(len(y), int(cfg["audit-batch-size"]), seed, rnd, partition_id))
+    grads = batch_gradient(model, x[idx], y[idx], seed=int(np.random.default_rng([seed, AUDIT_STREAM, rnd,
+                                                                                  partition_id, 2]).integers(2**62)))
+    return RecordDict({"gradients": to_record(grads), "fedsim": ConfigRecord({"partition-id": partition_id})})
+
+
+def auto_attack(threat: str, dropout: float, batch_size: int, local_steps: int) -> str:
+    """By threat model and model: iDLG for one image's gradient, IG for batches, DIA with dropout;
+    unrolled IG for short multi-step updates, SME for long ones."""
+    if threat == "gradient":
+        if dropout > 0:
+            return "dia"
+        return "idlg" if batch_size == 1 else "ig"
+    return "ig" if local_steps <= 8 else "sme"
+
+
+# ----------------------------------------------------------------------------- jobs (run in the worker)
+
+
+@dataclass
+class AuditJob:
+    server_round: int
+    partition_id: int
+    attack: str
+    attack_config: dict[str, Any]
+    seed: int
+    observation: Any          # attacks.Observation: only what the server saw
+    true_images: torch.Tensor  # the scorer's side
+    true_labels: torch.Tensor
+    exact_replay: bool
+    note: str
+    png: str
+
+
+def run_job(job: AuditJob) -> dict[str, Any]:
+    """Attack, score, save the picture; returns the audit.jsonl row."""
+    from attacks import build_attack
+    from attacks.cli import save_grid
+    from attacks.metrics import evaluate
+
+    torch.set_num_threads(1)
+    rec = build_attack(job.attack, seed=job.seed, **job.attack_config).reconstruct(job.observation)
+    scores = evaluate(rec.images, job.true_images, rec.hard_labels(), job.true_labels)
+    save_grid(Path(job.png), job.true_images, rec.images[np.asarray(scores["matching"])])
+    return {"round": job.server_round, "client": job.partition_id, "attack": job.attack,
+            "threat": job.observation.threat, "images": int(job.true_images.shape[0]),
+            "psnr": scores["psnr"], "psnr_max": scores["psnr_max"], "ssim": scores["ssim"],
+            "label_accuracy": scores["label_accuracy"], "success_rate": scores["success_rate"],
+            "iterations": int(rec.iterations), "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
+            "note": job.note, "reconstruction": str(Path(job.png).name)}
+
+
+# ----------------------------------------------------------------------------- the observer
+
+
+class AuditObserver(RoundObserver):
+    """Builds each audited round's attack jobs on the server and runs them in a worker."""
+
+    def __init__(self, scenario: Scenario, world: World, grid: Grid, out_dir: str | Path, timeout: float):
+        self.s, self.audit, self.world, self.grid, self.timeout = scenario, scenario.audit, world, grid, timeout
+        self.dir = Path(out_dir)
+        (self.dir / "audit").mkdir(parents=True, exist_ok=True)
+        self.spec = get_strategy(scenario.strategy.name)
+        self.params = scenario.strategy_params()
+        self.rows: list[dict[str, Any]] = []
+        self.node_of: dict[int, int] = {}  # partition id -> node id, as clients' replies state it
+        self._lock = threading.Lock()
+        self._futures: list[Future] = []
+        atomic_write(self.dir / "audit.jsonl", "")
+        # Spawned, not forked: the server may hold Ray's or Flower's threads.
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    # ------------------------------------------------------------------ building jobs
+    def on_round(self, record: RoundRecord) -> None:
+        nodes = {n.partition_id: n for n in record.replies if n.partition_id is not None}
+        self.node_of.update({pid: n.node_id for pid, n in nodes.items()})
+        if not audited_round(record.server_round, self.audit.every, self.s.train.rounds):
+            return
+        if self.audit.threat == "update":
+            targets = choose_targets(self.audit, sorted(nodes), self.s.seed, record.server_round)
+            jobs = [self.update_job(record, nodes[pid]) for pid in targets]
+        else:  # any client the server has heard from can be asked, not only this round's participants
+            targets = choose_targets(self.audit, sorted(self.node_of), self.s.seed, record.server_round)
+            jobs = [self.gradient_job(record, pid, self.node_of[pid]) for pid in targets]
+        for job in jobs:
+            future = self.pool.submit(run_job, job)
+            future.add_done_callback(self._finished)
+            self._futures.append(future)
+
+    def _model(self, record: RoundRecord) -> nn.Module:
+        model = self.world.new_model()
+        model.load_state_dict(to_torch(record.arrays_sent))
+        return model
+
+    def _common(self) -> dict[str, Any]:
+        ds = self.world.dataset
+        return dict(input_shape=(ds.channels, ds.image_size, ds.image_size), num_classes=ds.num_classes,
+                    dropout=self.s.model.dropout)
+
+    def update_job(self, record: RoundRecord, node: NodeRound) -> AuditJob:
+        from attacks import Observation
+
+        pid = node.partition_id
+        x, y = self.world.client_tensors(pid)[:2]
+        sent = to_numpy(record.arrays_sent)
+        view = self.spec.observe(sent, node.reply, self.params)
+        settings = TrainSettings.from_config(node.config, pid)
+        n = int(node.reply["metrics"]["num-examples"])
+        schedule = EpochShuffleSampler().schedule(n, settings)  # the server knows n and the seed
+        model = self._model(record)
+        names = [name for name, _ in model.named_parameters()]
+        obs = Observation.from_update(model, {k: torch.from_numpy(view.update[k]).float() for k in names},
+                                      lr=settings.lr, local_steps=len(schedule), num_samples=n,
+                                      local_batch_size=max(len(b) for b in schedule), schedule=schedule,
+                                      momentum=settings.momentum, weight_decay=settings.weight_decay,
+                                      **self._common())
+        attack = self._attack("update", obs, len(schedule))
+        return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
+                        view.exact, view.note, str(self._png(record.server_round, pid)))
+
+    def gradient_job(self, record: RoundRecord, pid: int, node_id: int) -> AuditJob:
+        from attacks import Observation
+
+        batch = self.audit.batch_size or self.s.train.batch_size
+        config = ConfigRecord({"server-round": record.server_round, "seed": self.s.seed, "audit-batch-size": batch})
+        msg = Message(RecordDict({"arrays": record.arrays_sent, "config": config}), dst_node_id=node_id,
+                      message_type=f"{MessageType.QUERY}.{QUERY_GRADIENT}")
+        reply = next(iter(self.grid.send_and_receive([msg], timeout=self.timeout)))
+        if reply.has_error():
+            raise RuntimeError(f"audit: client {pid} did not answer the gradient query: {reply.error.reason}")
+        x, y = self.world.client_tensors(pid)[:2]
+        idx = torch.from_numpy(query_batch(len(y), batch, self.s.seed, record.server_round, pid))
+        model = self._model(record)
+        obs = Observation.from_gradients(model, to_torch(reply.content["gradients"]), batch_size=len(idx),
+                                         **self._common())
+        attack = self._attack("gradient", obs, 1)
+        return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x[idx], y[idx],
+                        True, "", str(self._png(record.server_round, pid)))
+
+    def _attack(self, threat: str, obs, local_steps: int) -> str:
+        if self.audit.attack != "auto":
+            return self.audit.attack
+        return auto_attack(threat, self.s.model.dropout, obs.batch_size, local_steps)
+
+    def _config(self, attack: str) -> dict[str, Any]:
+        return dict(self.audit.attack_config)  # for auto too: the settings of whichever attack it picks
+
+    def _png(self, server_round: int, pid: int) -> Path:
+        return self.dir / "audit" / f"round-{server_round}-client-{pid}.png"
+
+    # ------------------------------------------------------------------ results
+    def _finished(self, future: Future) -> None:
+        if future.exception() is not None:
+            return  # raised again in close()
+        with self._lock:
+            self.rows.append(_clean(future.result()))
+            self.rows.sort(key=lambda r: (r["round"], r["client"]))
+            atomic_write(self.dir / "audit.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def close(self) -> None:
+        """Wait for the last audit; an attack that failed is an error naming it."""
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def summary(self) -> dict[str, Any]:
+        scored = [r for r in self.rows if r.get("psnr") is not None]
+        if not scored:
+            return {"audits": len(self.rows)}
+        worst = max(scored, key=lambda r: r["psnr"])
+        return {"audits": len(self.rows), "audit_worst_psnr": worst["psnr"], "audit_worst_psnr_round": worst["round"],
+                "audit_worst_psnr_client": worst["client"], "audit_worst_ssim": max(r["ssim"] for r in scored)}
