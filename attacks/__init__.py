@@ -6,6 +6,7 @@ Usable alone (torch, numpy, scipy only)::
     obs = Observation.from_gradients(model, grads, input_shape=(3, 32, 32),
                                      num_classes=10, batch_size=1)
     rec = build_attack("ig", iterations=2000, seed=0).reconstruct(obs)
+    rec.iterations, rec.stopped   # steps run; "converged" (attacks.stopping) or "budget"
 
 Registry names: dlg, idlg, ig, dia, sme. Label recovery: ``attacks.label_recovery``.
 Metrics: ``attacks.metrics``. Script: ``python -m attacks --help``.

@@ -26,7 +26,10 @@ class Reconstruction:
     images: torch.Tensor                # (B, C, H, W), clamped to the data range
     labels: torch.Tensor | None         # (B,) int64, or (B, K) soft labels, or None
     loss_trace: list[float] = field(default_factory=list)
-    iterations: int = 0
+    iterations: int = 0                 # optimiser steps run, over all restarts
+    # "converged": the run ended because its objective stopped improving (attacks.stopping;
+    # with restarts, every restart did); "budget": a cap ended it (iterations, time, restarts).
+    stopped: str = "budget"
     wall_s: float = 0.0
     restarts: int = 0
     extras: dict = field(default_factory=dict)

@@ -58,6 +58,13 @@ def _dropout(text):
     return v
 
 
+def _nonneg_float(text):
+    v = float(text)
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v}")
+    return v
+
+
 def _positive_float(text):
     v = float(text)
     if not v > 0:
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give ig the client's dropout masks (upper bound)")
     p.add_argument("--iterations", type=_positive_int, help="optimisation steps (L-BFGS steps for dlg/idlg)")
     p.add_argument("--restarts", type=_nonneg_int)
+    p.add_argument("--stop-patience", type=_nonneg_int,
+                   help="stop once the loss has not improved for this many iterations (0: run the whole budget)")
+    p.add_argument("--stop-tol", type=_nonneg_float, help="relative improvement that counts for --stop-patience")
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--out", help="output folder (default runs/attacks/<attack>-<model>-<dataset>-b<B>-s<S>)")
     return p
@@ -93,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULTS = dict(attack="dlg", model="lenet", dataset="digits", batch_size=1, seed=0, threat="gradient",
                 local_steps=1, local_lr=0.1, local_batch_size=None, dropout=0.0, image_size=None,
                 init=None, labels_known=False, true_masks=False, iterations=None, restarts=None,
-                threads=None, out=None, attack_config={})
+                stop_patience=None, stop_tol=None, threads=None, out=None, attack_config={})
 
 
 def resolve(argv: list[str] | None) -> dict:
@@ -149,8 +159,9 @@ def attack_config(settings: dict, case) -> dict:
     cfg = {"seed": settings["seed"]}
     if settings["iterations"] is not None:
         cfg["steps" if settings["attack"] in ("dlg", "idlg") else "iterations"] = settings["iterations"]
-    if settings["restarts"] is not None:
-        cfg["restarts"] = settings["restarts"]
+    for key in ("restarts", "stop_patience", "stop_tol"):
+        if settings[key] is not None:
+            cfg[key] = settings[key]
     if settings["true_masks"]:
         cfg["dropout_masks"] = case.masks
     cfg.update(settings["attack_config"])
@@ -221,7 +232,7 @@ def run(settings: dict) -> dict:
         "psnr": psnr_v, "psnr_max": scores["psnr_max"] if np.isfinite(scores["psnr_max"]) else None,
         "ssim": scores["ssim"], "label_accuracy": scores["label_accuracy"],
         "success_rate": scores["success_rate"], "success_threshold_db": 20.0,
-        "lpips": scores["lpips"], "iterations": rec.iterations, "restarts": rec.restarts,
+        "lpips": scores["lpips"], "iterations": rec.iterations, "stopped": rec.stopped, "restarts": rec.restarts,
         "wall_s": rec.wall_s, "final_loss": rec.loss_trace[-1] if rec.loss_trace else None,
         "true_labels": case.labels.tolist(),
         "recovered_labels": None if rec.hard_labels() is None else rec.hard_labels().tolist(),
@@ -245,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     print(f"{results['attack']}: psnr {results['psnr']:.2f} dB, ssim {results['ssim']:.3f}, "
-          f"label accuracy {results['label_accuracy']}, {results['iterations']} iterations, "
+          f"label accuracy {results['label_accuracy']}, {results['iterations']} iterations "
+          f"(stopped: {results['stopped']}), "
           f"{results['wall_s']:.1f} s -> {settings['out']}/results.json")
     return 0

@@ -23,9 +23,10 @@ def test_cli_writes_results(tmp_path):
                 "--seed", "0", "--iterations", "20", "--threads", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
-    for key in ("psnr", "ssim", "label_accuracy", "iterations", "wall_s"):
+    for key in ("psnr", "ssim", "label_accuracy", "iterations", "stopped", "wall_s"):
         assert key in res
     assert res["psnr"] >= 30 and res["label_accuracy"] == 1.0
+    assert f"{res['iterations']} iterations (stopped: {res['stopped']})" in proc.stdout
     assert (out / "reconstruction.png").stat().st_size > 0
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -49,6 +50,8 @@ def test_cli_yaml_config(tmp_path):
     ["--attack", "dia"],
     ["--unknown-flag"],
     ["--seed", "x"],
+    ["--stop-patience", "-1"],
+    ["--stop-tol", "nan"],
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(args, tmp_path):
     proc = _run(*args, "--out", str(tmp_path / "never"))
@@ -62,3 +65,26 @@ def test_cli_bad_yaml_key(tmp_path):
     cfg.write_text("atack: dlg\n")
     proc = _run("--config", str(cfg))
     assert proc.returncode == 2 and "atack" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_stop_settings_reach_the_attack(tmp_path, capsys):
+    # The same DLG run with the stop off (the whole budget) and on (converges by step 30 on
+    # 8x8 digits); in-process, since the script's plumbing is covered above.
+    from attacks.cli import main
+
+    common = ["--attack", "dlg", "--dataset", "digits", "--seed", "1", "--iterations", "60"]
+    assert main([*common, "--stop-patience", "0", "--out", str(tmp_path / "off")]) == 0
+    assert main([*common, "--stop-patience", "10", "--stop-tol", "0.001", "--out", str(tmp_path / "on")]) == 0
+    assert "60 iterations (stopped: budget)" in capsys.readouterr().out
+    off, on = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("off", "on"))
+    assert (off["iterations"], off["stopped"]) == (60, "budget")
+    assert on["stopped"] == "converged" and on["iterations"] < 60 and on["psnr"] >= off["psnr"] - 0.5
+
+
+def test_cli_bad_stop_setting_in_attack_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"attack: ig\niterations: 5\nout: {tmp_path / 'never'}\nattack_config: {{stop_patience: -3}}\n")
+    proc = _run("--config", str(cfg))
+    assert proc.returncode == 2 and "stop_patience" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
