@@ -10,7 +10,8 @@ reproduce it, the row says so (``exact_replay``, ``note``).
 
 Ground truth never travels: the auditor re-derives the target's true batch from the seeded
 sampler and the client's partition, off the training path, only to score the
-reconstruction. Attacks run in a worker process of their own while training goes on; rows
+reconstruction. Attacks run off the training path while training goes on (a process of
+their own on the inline engine, Ray tasks on the ray engine); rows
 land in audit.jsonl (and the reconstruction beside the truth in audit/) as each finishes,
 and the run waits for the last. Training metrics are the same with the audit on or off.
 """
@@ -135,7 +136,7 @@ def run_job(job: AuditJob) -> dict[str, Any]:
             "threat": job.observation.threat, "images": int(job.true_images.shape[0]),
             "psnr": scores["psnr"], "psnr_max": scores["psnr_max"], "ssim": scores["ssim"],
             "label_accuracy": scores["label_accuracy"], "success_rate": scores["success_rate"],
-            "iterations": int(rec.iterations), "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
+            "iterations": int(rec.iterations), "stopped": rec.stopped, "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
             "note": job.note, "reconstruction": str(Path(job.png).name)}
 
 
@@ -156,8 +157,11 @@ class AuditObserver(RoundObserver):
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         atomic_write(self.dir / "audit.jsonl", "")
-        # Spawned, not forked: the server may hold Ray's or Flower's threads.
-        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        # Off the training path: the engine's own way (Ray tasks on the ray engine), else one
+        # process of its own, spawned, not forked (the server may hold Ray's or Flower's threads).
+        engine_executor = getattr(grid, "audit_executor", None)
+        self.pool = (engine_executor() if engine_executor is not None else
+                     ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")))
 
     # ------------------------------------------------------------------ building jobs
     def on_round(self, record: RoundRecord) -> None:

@@ -71,6 +71,25 @@ class ClientAppActor:
         return [(call_client(self.client_app, msg, context), context) for msg, context in calls]
 
 
+def _call(fn, *args):
+    return fn(*args)
+
+
+class RayTaskExecutor:
+    """The part of ``concurrent.futures.Executor`` the audit uses, on Ray tasks."""
+
+    def __init__(self, num_cpus: float):
+        import ray
+
+        self._remote = ray.remote(num_cpus=num_cpus, max_retries=0)(_call)
+
+    def submit(self, fn, *args):
+        return self._remote.remote(fn, *args).future()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Nothing to stop: the tasks end with their work (the caller waits on the futures)."""
+
+
 def bind_ray_to_loopback() -> None:
     """Make a Ray instance started by this process listen on 127.0.0.1 only.
 
@@ -223,6 +242,14 @@ class RayGrid(SimulatedNodesGrid):
         if self._started_ray:
             stop_local_ray()
             self._started_ray = False
+
+    def audit_executor(self) -> "RayTaskExecutor":
+        """Where the privacy audit's attacks run: Ray tasks beside the actors, on a CPU of their own
+        when the cluster has one to spare (then the audit overlaps training), else sharing one."""
+        import ray
+
+        spare = float(ray.cluster_resources().get("CPU", 0)) - len(self.actors) * self.config.num_cpus_per_client
+        return RayTaskExecutor(num_cpus=1 if spare >= 1 else 0)
 
     # ------------------------------------------------------------------ Grid
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
