@@ -183,13 +183,14 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
-def save_grid(path: Path, truth: torch.Tensor, recon: torch.Tensor) -> None:
-    """True images on the top row, matched reconstructions below (PNG, atomic)."""
+def save_grid(path: Path, truth: torch.Tensor | None, recon: torch.Tensor) -> None:
+    """True images on the top row, matched reconstructions below (PNG, atomic); without the
+    truth (a server that has none), the reconstructions alone."""
     from PIL import Image
 
-    tile = max(64, truth.shape[-1])
+    tile = max(64, recon.shape[-1])
     rows = []
-    for batch in (truth, recon):
+    for batch in (recon,) if truth is None else (truth, recon):
         imgs = []
         for img in batch.clamp(0, 1):
             arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -133,8 +133,12 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
         time.sleep(poll)
 
 
-def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run the scenario's rounds on ``grid``, writing results to ``out_dir``; returns the summary."""
+def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bool = True,
+               ground_truth: bool = True) -> dict:
+    """Run the scenario's rounds on ``grid``, writing results to ``out_dir``; returns the summary.
+
+    ``ground_truth``: whether this process may score the audit against clients' data (fedsim's
+    own engines); a deployed server has none."""
     logging.getLogger("flwr").setLevel(logging.ERROR)  # fedsim reports rounds and failures itself
     start = time.perf_counter()
     world = world_from_text(scenario.to_yaml())
@@ -155,7 +159,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         train_config.update(defense.train_config())
 
     # The audit asks clients through the plain grid: its queries are not training traffic.
-    audit = (AuditObserver(scenario, world, grid, out_dir, scenario.engine.timeout_s)
+    audit = (AuditObserver(scenario, world, grid, out_dir, scenario.engine.timeout_s, ground_truth)
              if scenario.audit != "none" else None)
 
     with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
@@ -198,4 +202,6 @@ def server_main(grid: Grid, context: Context) -> None:
     scenario = scenario_from_text(scenario_text(context.run_config))
     out_dir = context.run_config.get("out-dir") or scenario.output.dir or f"runs/{scenario.name}"
     progress = bool(context.run_config.get("progress", scenario.output.progress))
-    run_server(grid, scenario, str(out_dir), progress=progress)
+    # fedsim's own engines pass the resolved scenario text; `flwr run` (a deployment) passes a path,
+    # and there the server holds none of the clients' data to score an audit with.
+    run_server(grid, scenario, str(out_dir), progress=progress, ground_truth="scenario-yaml" in context.run_config)

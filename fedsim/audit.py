@@ -91,7 +91,8 @@ def answer_gradient_query(msg_content: RecordDict, model: nn.Module, x: torch.Te
     idx = torch.from_numpy(query_batch(len(y), int(cfg["audit-batch-size"]), seed, rnd, partition_id))
     grads = batch_gradient(model, x[idx], y[idx], seed=int(np.random.default_rng([seed, AUDIT_STREAM, rnd,
                                                                                   partition_id, 2]).integers(2**62)))
-    return RecordDict({"gradients": to_record(grads), "fedsim": ConfigRecord({"partition-id": partition_id})})
+    return RecordDict({"gradients": to_record(grads),
+                       "fedsim": ConfigRecord({"partition-id": partition_id, "batch-size": len(idx)})})
 
 
 def auto_attack(threat: str, dropout: float, batch_size: int, local_steps: int) -> str:
@@ -114,9 +115,9 @@ class AuditJob:
     attack: str
     attack_config: dict[str, Any]
     seed: int
-    observation: Any          # attacks.Observation: only what the server saw
-    true_images: torch.Tensor  # the scorer's side
-    true_labels: torch.Tensor
+    observation: Any                  # attacks.Observation: only what the server saw
+    true_images: torch.Tensor | None  # the scorer's side (None: the server has no ground truth)
+    true_labels: torch.Tensor | None
     exact_replay: bool
     note: str
     png: str
@@ -130,10 +131,14 @@ def run_job(job: AuditJob) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     rec = build_attack(job.attack, seed=job.seed, **job.attack_config).reconstruct(job.observation)
-    scores = evaluate(rec.images, job.true_images, rec.hard_labels(), job.true_labels)
-    save_grid(Path(job.png), job.true_images, rec.images[np.asarray(scores["matching"])])
+    if job.true_images is None:
+        scores = dict.fromkeys(("psnr", "psnr_max", "ssim", "label_accuracy", "success_rate"))
+        save_grid(Path(job.png), None, rec.images)
+    else:
+        scores = evaluate(rec.images, job.true_images, rec.hard_labels(), job.true_labels)
+        save_grid(Path(job.png), job.true_images, rec.images[np.asarray(scores["matching"])])
     return {"round": job.server_round, "client": job.partition_id, "attack": job.attack,
-            "threat": job.observation.threat, "images": int(job.true_images.shape[0]),
+            "threat": job.observation.threat, "images": int(rec.images.shape[0]),
             "psnr": scores["psnr"], "psnr_max": scores["psnr_max"], "ssim": scores["ssim"],
             "label_accuracy": scores["label_accuracy"], "success_rate": scores["success_rate"],
             "iterations": int(rec.iterations), "stopped": rec.stopped, "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
@@ -146,8 +151,12 @@ def run_job(job: AuditJob) -> dict[str, Any]:
 class AuditObserver(RoundObserver):
     """Builds each audited round's attack jobs on the server and runs them in a worker."""
 
-    def __init__(self, scenario: Scenario, world: World, grid: Grid, out_dir: str | Path, timeout: float):
+    def __init__(self, scenario: Scenario, world: World, grid: Grid, out_dir: str | Path, timeout: float,
+                 ground_truth: bool = True):
+        """``ground_truth``: the server process can re-derive clients' data (fedsim's own engines);
+        in a deployment it cannot, and the audit saves reconstructions without scores."""
         self.s, self.audit, self.world, self.grid, self.timeout = scenario, scenario.audit, world, grid, timeout
+        self.ground_truth = ground_truth
         self.dir = Path(out_dir)
         (self.dir / "audit").mkdir(parents=True, exist_ok=True)
         self.spec = get_strategy(scenario.strategy.name)
@@ -194,7 +203,6 @@ class AuditObserver(RoundObserver):
         from attacks import Observation
 
         pid = node.partition_id
-        x, y = self.world.client_tensors(pid)[:2]
         sent = to_numpy(record.arrays_sent)
         view = self.spec.observe(sent, node.reply, self.params)
         settings = TrainSettings.from_config(node.config, pid)
@@ -208,8 +216,9 @@ class AuditObserver(RoundObserver):
                                       momentum=settings.momentum, weight_decay=settings.weight_decay,
                                       **self._common())
         attack = self._attack("update", obs, len(schedule))
+        x, y = self._truth(pid, None)
         return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
-                        view.exact, view.note, str(self._png(record.server_round, pid)))
+                        view.exact, self._note(view.note), str(self._png(record.server_round, pid)))
 
     def gradient_job(self, record: RoundRecord, pid: int, node_id: int) -> AuditJob:
         from attacks import Observation
@@ -221,14 +230,30 @@ class AuditObserver(RoundObserver):
         reply = next(iter(self.grid.send_and_receive([msg], timeout=self.timeout)))
         if reply.has_error():
             raise RuntimeError(f"audit: client {pid} did not answer the gradient query: {reply.error.reason}")
-        x, y = self.world.client_tensors(pid)[:2]
-        idx = torch.from_numpy(query_batch(len(y), batch, self.s.seed, record.server_round, pid))
+        used = int(reply.content["fedsim"]["batch-size"])  # fewer than asked when the client holds fewer
         model = self._model(record)
-        obs = Observation.from_gradients(model, to_torch(reply.content["gradients"]), batch_size=len(idx),
+        obs = Observation.from_gradients(model, to_torch(reply.content["gradients"]), batch_size=used,
                                          **self._common())
         attack = self._attack("gradient", obs, 1)
-        return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x[idx], y[idx],
-                        True, "", str(self._png(record.server_round, pid)))
+        x, y = self._truth(pid, lambda n: query_batch(n, batch, self.s.seed, record.server_round, pid))
+        return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
+                        True, self._note(""), str(self._png(record.server_round, pid)))
+
+    def _truth(self, pid: int, batch_of) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The target's true samples (all its training data, or the query's batch), for scoring only."""
+        if not self.ground_truth:
+            return None, None
+        x, y = self.world.client_tensors(pid)[:2]
+        if batch_of is None:
+            return x, y
+        idx = torch.from_numpy(batch_of(len(y)))
+        return x[idx], y[idx]
+
+    def _note(self, note: str) -> str:
+        if self.ground_truth:
+            return note
+        missing = "no ground truth at the server (deployment): reconstruction saved, not scored"
+        return f"{note}; {missing}" if note else missing
 
     def _attack(self, threat: str, obs, local_steps: int) -> str:
         if self.audit.attack != "auto":

@@ -1,6 +1,7 @@
 """The same apps deploy unchanged: a real SuperLink and two SuperNodes on loopback, `flwr run`,
 and the per-round metrics equal the inline engine's for the same seed."""
 
+import json
 import os
 import signal
 import socket
@@ -39,6 +40,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 def test_flwr_run_on_superlink_and_supernodes(tmp_path):
     scenario = {"name": "deploy", "seed": 3, "data": {"dataset": "digits", "num_clients": 2},
                 "model": {"name": "mlp", "hidden": [16]}, "train": {"rounds": 2},
+                "audit": {"threat": "gradient", "batch_size": 1, "clients": 1, "attack": "idlg",
+                          "attack_config": {"steps": 5}},
                 "output": {"plot": False, "progress": False}}
     scenario_path = tmp_path / "deploy.yaml"
     scenario_path.write_text(yaml.safe_dump(scenario))
@@ -88,3 +91,10 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path):
     run_scenario(parse_scenario(scenario), tmp_path / "inline", progress=False)
     key = lambda rows: [(r["round"], r["accuracy"], r["loss"], r["bytes_up"], r["failures"]) for r in rows]  # noqa
     assert key(read_metrics(out)) == key(read_metrics(tmp_path / "inline"))
+    # The deployed server attacks as well but has no client data to score with: it says so.
+    deployed = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    simulated = [json.loads(line) for line in (tmp_path / "inline" / "audit.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in deployed] == [r["round"] for r in simulated] == [1, 2]
+    assert all(r["psnr"] is None and "no ground truth" in r["note"] for r in deployed)
+    assert all((out / "audit" / r["reconstruction"]).exists() for r in deployed)
+    assert all(r["psnr"] is not None and r["note"] == "" for r in simulated)
