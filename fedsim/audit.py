@@ -11,7 +11,7 @@ reproduce it, the row says so (``exact_replay``, ``note``).
 Ground truth never travels: the auditor re-derives the target's true batch from the seeded
 sampler and the client's partition, off the training path, only to score the
 reconstruction. Attacks run off the training path while training goes on (a process of
-their own on the inline engine, Ray tasks on the ray engine); rows
+their own on the inline engine, a Ray actor on the ray engine); rows
 land in audit.jsonl (and the reconstruction beside the truth in audit/) as each finishes,
 and the run waits for the last. Training metrics are the same with the audit on or off.
 """
@@ -166,7 +166,7 @@ class AuditObserver(RoundObserver):
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         atomic_write(self.dir / "audit.jsonl", "")
-        # Off the training path: the engine's own way (Ray tasks on the ray engine), else one
+        # Off the training path: the engine's own way (a Ray actor on the ray engine), else one
         # process of its own, spawned, not forked (the server may hold Ray's or Flower's threads).
         engine_executor = getattr(grid, "audit_executor", None)
         self.pool = (engine_executor() if engine_executor is not None else

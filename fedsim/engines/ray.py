@@ -71,23 +71,36 @@ class ClientAppActor:
         return [(call_client(self.client_app, msg, context), context) for msg, context in calls]
 
 
-def _call(fn, *args):
-    return fn(*args)
+class _Runner:
+    """A Ray actor that runs the functions it is given, one after another."""
+
+    def __init__(self, torch_threads: int):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+    def run(self, fn, *args):
+        return fn(*args)
 
 
-class RayTaskExecutor:
-    """The part of ``concurrent.futures.Executor`` the audit uses, on Ray tasks."""
+class RayActorExecutor:
+    """The part of ``concurrent.futures.Executor`` the audit uses, on one long-lived Ray actor
+    (one process that imports torch and the attacks once; a task per job could start a fresh
+    worker process each time)."""
 
-    def __init__(self, num_cpus: float):
+    def __init__(self, num_cpus: float, torch_threads: int = 1):
         import ray
 
-        self._remote = ray.remote(num_cpus=num_cpus, max_retries=0)(_call)
+        self._actor = ray.remote(_Runner).options(num_cpus=num_cpus).remote(torch_threads)
 
     def submit(self, fn, *args):
-        return self._remote.remote(fn, *args).future()
+        return self._actor.run.remote(fn, *args).future()
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        """Nothing to stop: the tasks end with their work (the caller waits on the futures)."""
+        """The caller has waited on the futures; the actor goes."""
+        import ray
+
+        ray.kill(self._actor, no_restart=True)
 
 
 def bind_ray_to_loopback() -> None:
@@ -243,13 +256,13 @@ class RayGrid(SimulatedNodesGrid):
             stop_local_ray()
             self._started_ray = False
 
-    def audit_executor(self) -> "RayTaskExecutor":
-        """Where the privacy audit's attacks run: Ray tasks beside the actors, on a CPU of their own
-        when the cluster has one to spare (then the audit overlaps training), else sharing one."""
+    def audit_executor(self) -> RayActorExecutor:
+        """Where the privacy audit's attacks run: a Ray actor beside the clients' actors, on a CPU of
+        its own when the cluster has one to spare (then the audit overlaps training), else sharing."""
         import ray
 
         spare = float(ray.cluster_resources().get("CPU", 0)) - len(self.actors) * self.config.num_cpus_per_client
-        return RayTaskExecutor(num_cpus=1 if spare >= 1 else 0)
+        return RayActorExecutor(num_cpus=1 if spare >= 1 else 0)
 
     # ------------------------------------------------------------------ Grid
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
