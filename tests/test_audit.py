@@ -119,3 +119,22 @@ def test_the_audit_on_the_ray_engine_equals_inline(tmp_path, local_ray):
     keys = ("round", "client", "attack", "psnr", "ssim", "label_accuracy")
     assert [[r[k] for k in keys] for r in _audit_rows(tmp_path / "inline")] == \
         [[r[k] for k in keys] for r in _audit_rows(tmp_path / "ray")]
+
+
+def test_the_gradient_threat_sends_exactly_one_query_to_each_target(tmp_path, monkeypatch):
+    from fedsim.engines import inline
+
+    sent = []
+    push = inline.InlineGrid.push_messages
+
+    def counting(self, messages):
+        messages = list(messages)
+        sent.extend((m.metadata.message_type, m.metadata.dst_node_id) for m in messages)
+        return push(self, messages)
+
+    monkeypatch.setattr(inline.InlineGrid, "push_messages", counting)
+    raw = _lenet(train__rounds=2, audit={"threat": "gradient", "batch_size": 1, "clients": [3, 17]})
+    run_scenario(parse_scenario(raw), tmp_path, progress=False)
+    queries = [node for kind, node in sent if kind.startswith("query")]
+    assert queries == [1003, 1017, 1003, 1017]  # one per target per audited round
+    assert sum(kind == "train" for kind, _ in sent) == 2 * 40
