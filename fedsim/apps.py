@@ -27,7 +27,8 @@ from strategies.records import to_record, to_torch
 
 from .audit import QUERY_GRADIENT, AuditObserver, answer_gradient_query
 from .metered import MeteredGrid
-from .observers import CentralEvaluation, DefenseReport, ProgressObserver, ResultsObserver, RoundTiming, StrategyReport, evaluate
+from .observers import (CentralEvaluation, DefenseReport, ProgressObserver, ResultsObserver, RoundTiming,
+                        StrategyReport, evaluate)
 from .progress import RoundProgress
 from .results import ResultsWriter
 from .rounds import run_rounds
