@@ -13,6 +13,25 @@ that read the last linear layer) without per-model code.
 - ``resnet18``: He et al. 2016, CIFAR-style 3x3 stem, GroupNorm instead of BatchNorm
   (Hsieh et al. 2020) so it works with Opacus and non-IID clients.
 
+Dropout (``dropout`` > 0) goes where ``dropout_at`` says:
+
+- ``classifier`` (default): one ``nn.Dropout`` on the classifier's input. For one image,
+  the classifier's weight gradient is delta x (mask * h), so its zero columns show the
+  mask: Dropout Inversion's easy case.
+- ``hidden``: an ``nn.Dropout`` at the end of every hidden block whose output does *not*
+  feed the classifier directly (mlp: hidden layers but the last, so it needs two or more;
+  lenet: conv1, conv2; cnn: conv1, conv2; resnet18: stem, layer1-3). The block that feeds
+  the classifier is left out because dropout there is the ``classifier`` placement again
+  (lenet's conv3 output is flattened straight into fc), and ``both`` would then drop the
+  same units twice. A mask in front of a convolution (lenet's conv2 and conv3 inputs,
+  resnet18) does not show in any gradient row, since a conv's weight gradient sums over
+  positions; a mask in front of a linear layer (mlp hidden layers, cnn's conv2 output
+  feeding its hidden linear) still shows, for one image, in that layer's zero columns.
+- ``both``: ``hidden`` and ``classifier`` together.
+
+Every dropout layer uses the same rate and sits inside an existing named block, so the
+block names (and ``split_model``) do not depend on the placement.
+
 Leaf module: imports nothing else of fedsim.
 """
 
@@ -25,6 +44,7 @@ import torch
 from torch import nn
 
 MODEL_NAMES = ("mlp", "lenet", "cnn", "resnet18")
+DROPOUT_PLACES = ("classifier", "hidden", "both")
 
 
 def build_model(
@@ -37,22 +57,31 @@ def build_model(
     hidden: tuple[int, ...] = (256,),
     init: str = "default",
     seed: int | None = None,
+    dropout_at: str = "classifier",
 ) -> nn.Sequential:
     """Build model ``name`` for inputs of shape (in_channels, image_size, image_size).
 
-    ``dropout`` adds an ``nn.Dropout`` before the classifier (the layer Dropout
-    Inversion substitutes). ``seed`` makes the initialisation reproducible without
-    touching the global RNG state.
+    ``dropout`` adds ``nn.Dropout`` layers of that rate where ``dropout_at`` says
+    (module docstring; default: before the classifier, the layer Dropout Inversion was
+    published on). Dropout layers hold no parameters, so the weights for one ``seed``
+    are the same for every placement. ``seed`` makes the initialisation reproducible
+    without touching the global RNG state.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if dropout_at not in DROPOUT_PLACES:
+        raise ValueError(f"unknown dropout_at {dropout_at!r}; choose one of {', '.join(DROPOUT_PLACES)}")
     if seed is not None:
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
     try:
-        blocks = _BUILDERS[name](in_channels, image_size, num_classes, dropout, hidden)
+        # the builders place only the classifier's dropout; the hidden ones are added after
+        at_classifier = dropout if dropout_at in ("classifier", "both") else 0.0
+        blocks = _BUILDERS[name](in_channels, image_size, num_classes, at_classifier, hidden)
+        if dropout > 0 and dropout_at in ("hidden", "both"):
+            _add_hidden_dropout(name, blocks, dropout, hidden)
         model = nn.Sequential(OrderedDict(blocks))
         if init == "uniform":
             for param in model.parameters():
@@ -63,6 +92,30 @@ def build_model(
         if seed is not None:
             torch.random.set_rng_state(state)
     return model
+
+
+# The hidden blocks that get a dropout layer under ``dropout_at: hidden | both``: every
+# block with an activation except the one whose output goes straight to the classifier.
+_HIDDEN_DROPOUT_BLOCKS = {
+    "lenet": ("conv1", "conv2"),
+    "cnn": ("conv1", "conv2"),
+    "resnet18": ("stem", "layer1", "layer2", "layer3"),
+}
+
+
+def _add_hidden_dropout(name: str, blocks: list[tuple[str, nn.Module]], p: float,
+                        hidden: tuple[int, ...]) -> None:
+    """Append ``nn.Dropout(p)`` inside the chosen hidden blocks (in place)."""
+    if name == "mlp":
+        targets = tuple(f"hidden{i}" for i in range(len(hidden) - 1))
+        if not targets:
+            raise ValueError("dropout_at hidden needs an mlp with two or more hidden layers: the only hidden "
+                             "layer feeds the classifier, which is dropout_at classifier")
+    else:
+        targets = _HIDDEN_DROPOUT_BLOCKS[name]
+    by_name = dict(blocks)
+    for t in targets:
+        by_name[t].append(nn.Dropout(p))
 
 
 def _classifier(features: int, num_classes: int, dropout: float) -> list[tuple[str, nn.Module]]:

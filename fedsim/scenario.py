@@ -56,6 +56,8 @@ class ModelConfig(_Strict):
     name: Literal["mlp", "lenet", "cnn", "resnet18"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [256])
     dropout: float = Field(0.0, ge=0, lt=1)
+    dropout_at: Literal["classifier", "hidden", "both"] = Field(
+        "classifier", description="where dropout goes: before the classifier, after hidden blocks, or both")
     init: Literal["default", "uniform"] = "default"
 
     @field_validator("hidden")

@@ -47,7 +47,8 @@ class World:
         m = self.model
         seed = int(np.random.default_rng([self.seed, MODEL_STREAM]).integers(2**62))
         return build_model(m.name, self.dataset.channels, self.dataset.image_size, self.dataset.num_classes,
-                           dropout=m.dropout, hidden=tuple(m.hidden), init=m.init, seed=seed)
+                           dropout=m.dropout, dropout_at=m.dropout_at, hidden=tuple(m.hidden), init=m.init,
+                           seed=seed)
 
     def client_split(self, partition_id: int) -> ClientSplit:
         """One client's train/validation indices.

@@ -112,3 +112,57 @@ def test_split_model_composes():
     assert torch.allclose(high(low(x)), model(x))
     with pytest.raises(ValueError, match="cannot split"):
         split_model(model, "fc")
+
+
+def _dropout_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("mlp", ["hidden0.2", "hidden1.2"]),
+    ("lenet", ["conv1.2", "conv2.2"]),
+    ("cnn", ["conv1.3", "conv2.3"]),
+    ("resnet18", ["stem.3", "layer1.2", "layer2.2", "layer3.2"]),
+])
+def test_dropout_inside_hidden_layers(name, expected):
+    kw = dict(hidden=(16, 16, 8), seed=3)
+    plain = build_model(name, 1, 16, 10, **kw)
+    at = {place: build_model(name, 1, 16, 10, dropout=0.5, dropout_at=place, **kw)
+          for place in ("classifier", "hidden", "both")}
+    assert _dropout_names(at["classifier"]) == ["dropout"]  # the default placement, unchanged
+    assert _dropout_names(at["hidden"]) == expected
+    assert _dropout_names(at["both"]) == expected + ["dropout"]
+    x = torch.rand(3, 1, 16, 16)
+    for model in at.values():
+        # dropout holds no parameters: same weights and names as without it, same eval function
+        assert list(model.state_dict()) == list(plain.state_dict())
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+        assert torch.allclose(model.eval()(x), plain.eval()(x))
+    torch.manual_seed(0)
+    assert not torch.allclose(at["hidden"].train()(x), plain(x))  # and it does drop in training
+
+
+def test_hidden_dropout_masks_act_where_placed():
+    """The lenet's hidden masks multiply conv1's and conv2's activations (what DIA substitutes)."""
+    from attacks.objective import dropout_shapes, substitute_dropout
+
+    p = 0.25
+    net = build_model("lenet", 1, 16, 10, dropout=p, dropout_at="hidden", init="uniform", seed=0).eval()
+    assert dropout_shapes(net, (1, 16, 16)) == [(12, 8, 8), (12, 4, 4)]
+    gen = torch.Generator().manual_seed(0)
+    masks = [torch.bernoulli(torch.full((2, *s), 1 - p), generator=gen) for s in ((12, 8, 8), (12, 4, 4))]
+    x = torch.rand(2, 1, 16, 16, generator=gen)
+    h = net.conv1[:2](x) * masks[0] / (1 - p)
+    h = net.conv2[:2](h) * masks[1] / (1 - p)
+    manual = net.fc(net.flatten(net.conv3(h)))
+    with substitute_dropout(net, masks):
+        assert torch.allclose(net(x), manual, atol=1e-6)
+
+
+def test_dropout_placement_errors():
+    with pytest.raises(ValueError, match="two or more hidden layers"):
+        build_model("mlp", 1, 8, 10, dropout=0.5, dropout_at="hidden", hidden=(32,))
+    with pytest.raises(ValueError, match="unknown dropout_at"):
+        build_model("lenet", 1, 8, 10, dropout=0.5, dropout_at="conv")
+    # no rate, no layers, whatever the placement
+    assert _dropout_names(build_model("lenet", 1, 8, 10, dropout_at="both")) == []
