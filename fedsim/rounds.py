@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.compression import Codec

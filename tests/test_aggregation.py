@@ -4,7 +4,7 @@ sampling is seeded."""
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedsim.engines import run_scenario
 from fedsim.engines.identity import enter_server_identity

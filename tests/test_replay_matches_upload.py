@@ -7,7 +7,7 @@ holds the client's data, which it feeds to the replay here to check the simulati
 """
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from attacks import Observation
 from attacks.objective import leaf_parameters, local_sgd_update

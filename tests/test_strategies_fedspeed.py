@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedsim.engines import run_scenario
 from fedsim.models import build_model
