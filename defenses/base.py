@@ -17,6 +17,19 @@ class Defense:
         """The strategy the server runs (default: unchanged)."""
         return strategy
 
+    def client_step(self) -> dict[str, Any] | None:
+        """This defense's client-side step (its settings, with ``name``), carried in the message
+        config under ``defenses`` and applied by ``defenses.client``; None: server-side only."""
+        return None
+
+    def on_round(self, record: Any) -> None:
+        """Read the round's replies (``fedsim.rounds.RoundRecord``) before ``report``."""
+
+    def query_config(self) -> dict[str, Any]:
+        """Settings added to the audit's gradient query now (beyond ``train_config``): what the
+        client needs to defend its answer as it would defend an upload this round."""
+        return {}
+
     def train_config(self) -> dict[str, Any]:
         """Settings added to every training message's config."""
         return {}
@@ -24,3 +37,8 @@ class Defense:
     def report(self) -> dict[str, Any]:
         """This round's privacy figures for metrics.jsonl (epsilon, delta ...)."""
         return {}
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Fields for summary.json from the run's metrics rows (default: the last round's report)."""
+        keys = ("epsilon", "delta", "clip_fraction", "update_clip_fraction")
+        return {k: rows[-1][k] for k in keys if rows and rows[-1].get(k) is not None}

@@ -13,21 +13,22 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from defenses import build_defense
-from defenses.dp_user import UNIFORM_WEIGHT_KEY
+from defenses import build_defenses
+from defenses.client import defend_upload, private_training
+from defenses.dp_user import ADAPTIVE_KEY, UNIFORM_WEIGHT_KEY
 from strategies import ClientData, ClientJob, ServerSettings, TrainSettings, get_strategy
 from strategies.base import fixed_sample_size
-from strategies.compression import get_codec
+from strategies.compression import CodecContext, get_codec
 from strategies.records import to_record, to_torch
 
 from .audit import QUERY_GRADIENT, AuditObserver, answer_gradient_query
 from .metered import MeteredGrid
-from .observers import (CentralEvaluation, DefenseReport, ProgressObserver, ResultsObserver, RoundTiming,
+from .observers import (CentralEvaluation, CodecReport, DefenseReport, ProgressObserver, ResultsObserver, RoundTiming,
                         StrategyReport, evaluate)
 from .progress import RoundProgress
 from .results import ResultsWriter
@@ -71,9 +72,12 @@ def client_train(msg: Message, context: Context) -> Message:
     from the message config; the scenario copy only gives this node its data and model.
 
     A config carrying Flower's clipping-norm key comes from Flower's client-side DP wrapper:
-    then Flower's own ``fixedclipping_mod`` clips the update this client sends."""
-    if KEY_CLIPPING_NORM in msg.content["config"]:
-        return fixedclipping_mod(msg, context, _train)
+    then Flower's own ``fixedclipping_mod`` (or ``adaptiveclipping_mod``, which also reports
+    whether it clipped) clips the update this client sends."""
+    config = msg.content["config"]
+    if KEY_CLIPPING_NORM in config:
+        mod = adaptiveclipping_mod if config.get(ADAPTIVE_KEY) else fixedclipping_mod
+        return mod(msg, context, _train)
     return _train(msg, context)
 
 
@@ -85,10 +89,15 @@ def _train(msg: Message, context: Context) -> Message:
     sent = to_torch(msg.content["arrays"])
     model.load_state_dict(sent)
     job = ClientJob(model, data, TrainSettings.from_config(config, data.partition_id), msg.content,
-                    context.state, sent)
+                    context.state, sent, private=private_training(config, context.state))
     upload = algorithm.train(job)
-    reply = get_codec(str(config["codec"])).encode(upload, context.state)
-    metrics = {**{k: float(v) for k, v in upload.metrics.items()}, "num-examples": data.num_examples}
+    defense_metrics = defend_upload(upload, config, data.partition_id)  # clip/prune/noise, before the codec
+    codec = get_codec(str(config["codec"]), str(config.get("codec-params", "{}")))
+    ctx = CodecContext(seed=int(config.get("codec-seed", 0)), server_round=int(config["server-round"]),
+                       client=data.partition_id)
+    reply = codec.encode(upload, context.state, ctx)
+    metrics = {**{k: float(v) for k, v in upload.metrics.items()}, **defense_metrics,
+               "num-examples": data.num_examples}
     if config.get(UNIFORM_WEIGHT_KEY):  # the server averages uniformly (dp_user)
         metrics[UNIFORM_WEIGHT_KEY] = 1.0
     reply["metrics"] = MetricRecord(metrics)
@@ -121,7 +130,7 @@ def server_settings(s: Scenario) -> ServerSettings:
                           sampling=t.sampling, lr=t.lr, lr_decay=t.lr_decay, local_epochs=t.local_epochs,
                           batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
                           strategy=s.strategy.name, strategy_params=s.strategy_params().model_dump_json(),
-                          codec=s.upload_codec())
+                          codec=s.upload_codec(), codec_params=s.upload_params().model_dump_json())
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> None:
@@ -150,24 +159,30 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     metered = MeteredGrid(grid)
     wait_for_nodes(metered, scenario.data.num_clients, scenario.engine.timeout_s)
     evaluation = CentralEvaluation(model, world.dataset.x_test, world.dataset.y_test)
-    defenses = []
-    if scenario.defense != "none":
-        sampled = fixed_sample_size(scenario.data.num_clients, scenario.train.participation)
-        defenses.append(build_defense(scenario.defense, scenario.data.num_clients, sampled, scenario.seed))
-    running, train_config = strategy, {}
+    sampled = fixed_sample_size(scenario.data.num_clients, scenario.train.participation)
+    defenses, train_config = build_defenses(scenario.defenses(), scenario.data.num_clients, sampled, scenario.seed,
+                                            scenario.train.rounds)
+    codec = get_codec(scenario.upload_codec(), scenario.upload_params())
+    running = strategy
     for defense in defenses:
         running = defense.wrap_server(running)
-        train_config.update(defense.train_config())
 
     # The audit asks clients through the plain grid: its queries are not training traffic.
-    audit = (AuditObserver(scenario, world, grid, out_dir, scenario.engine.timeout_s, ground_truth)
+    # The audit's gradient query carries the client-side defense steps too: the answer is defended.
+    def query_config() -> dict:  # DP-SGD's noise follows from the training batch size and epochs
+        return {**train_config, **{k: v for d in defenses for k, v in d.query_config().items()},
+                "batch-size": scenario.train.batch_size, "local-epochs": scenario.train.local_epochs}
+
+    audit = (AuditObserver(scenario, world, grid, out_dir, scenario.engine.timeout_s, ground_truth,
+                           query_config=query_config)
              if scenario.audit != "none" else None)
 
     with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
         observers = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
+                     *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
                      *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar)]
         try:
-            run_rounds(running, metered, get_codec(scenario.upload_codec()), to_record(model.state_dict()),
+            run_rounds(running, metered, codec, to_record(model.state_dict()),
                        scenario.train.rounds, scenario.engine.timeout_s, observers, ConfigRecord(train_config))
         finally:
             if audit is not None:
@@ -188,6 +203,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         "engine": scenario.engine.name,
         "scenario": scenario.model_dump(mode="json"),
         **(audit.summary() if audit else {}),
+        **{k: v for d in defenses for k, v in d.summary(rows).items()},
     }
     writer.finish(summary, plot=scenario.output.plot, audit_rows=audit.rows if audit else None)
     return summary

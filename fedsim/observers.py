@@ -95,7 +95,18 @@ class DefenseReport(RoundObserver):
         self.defense = defense
 
     def on_round(self, record: RoundRecord) -> None:
+        self.defense.on_round(record)  # per-node replies (each participant's epsilon ...)
         record.row.update(self.defense.report())
+
+
+class CodecReport(RoundObserver):
+    """The upload codec's fields: its name, the direction it compressed, its DP statement if any."""
+
+    def __init__(self, codec: Any):
+        self.codec = codec
+
+    def on_round(self, record: RoundRecord) -> None:
+        record.row.update(self.codec.report(record.server_round))
 
 
 class ResultsObserver(RoundObserver):

@@ -8,6 +8,10 @@ partition ids the clients stated; the strategy's aggregated metrics; the bytes o
 wire), and evaluation, the strategy's report, the results writer and the progress bar
 are observers of it, in order. The privacy audit is one more observer.
 
+The upload codec decodes a round's replies together, before the strategy aggregates them
+(``Codec.decode_round``: a codec may aggregate in its own space, as FetchSGD does); each
+``NodeRound`` keeps the reply as it travelled (``wire``) beside the decoded one.
+
 The strategy may be any Flower message-API ``Strategy`` (a fedsim strategy, or one
 wrapped by Flower's DP wrappers). Client-side evaluation rounds are not run: fedsim
 evaluates centrally, and clients report their own validation figures as train metrics.
@@ -23,7 +27,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from strategies.compression import Codec
+from strategies.compression import Codec, CodecContext
 from strategies.records import fast_reading
 
 from .metered import MeteredGrid
@@ -38,6 +42,7 @@ class NodeRound:
     reply: RecordDict | None = None   # decoded reply content, None on failure
     error: str | None = None          # the failure's reason
     partition_id: int | None = None   # as the client's "fedsim" record states it
+    wire: RecordDict | None = None    # the reply content as it travelled, before the codec decoded it
 
     @property
     def config(self) -> ConfigRecord:
@@ -55,6 +60,14 @@ class RoundRecord:
     bytes_down: int
     started: float                         # time.perf_counter() when the round began
     row: dict[str, Any] = field(default_factory=dict)  # the metrics.jsonl row observers fill
+    codec: Codec | None = None             # the upload codec that decoded the replies
+
+    def support(self, node: NodeRound) -> dict[str, Any] | None:
+        """Per float entry, the bool mask of the coordinates ``node``'s reply carried (top-k, DGC); None when
+        every coordinate travelled in some form (dense, sign, TernGrad, sketches, EF21's sent + g_i)."""
+        if self.codec is None or node.wire is None:
+            return None
+        return self.codec.support(node.wire, self.arrays_sent)
 
     @property
     def replies(self) -> list[NodeRound]:
@@ -75,8 +88,8 @@ class RoundObserver:
         pass
 
 
-def _node_round(node_id: int, sent: RecordDict, reply: Message | None, codec: Codec,
-                arrays_sent: ArrayRecord) -> NodeRound:
+def _node_round(node_id: int, sent: RecordDict, reply: Message | None) -> NodeRound:
+    """The node's round with its reply as it arrived (still encoded)."""
     node = NodeRound(node_id, sent)
     if reply is None:
         node.error = "no reply"
@@ -85,10 +98,21 @@ def _node_round(node_id: int, sent: RecordDict, reply: Message | None, codec: Co
     else:
         fedsim = reply.content.get("fedsim")
         node.partition_id = int(fedsim["partition-id"]) if fedsim is not None else None
-        node.reply = codec.decode(reply.content, arrays_sent)
-        for key, record in node.reply.array_records.items():
-            node.reply[key] = fast_reading(record)  # Flower's aggregation reads every array
+        node.reply = node.wire = reply.content
     return node
+
+
+def _decode_replies(nodes: list[NodeRound], codec: Codec, arrays_sent: ArrayRecord, server_round: int) -> None:
+    """The codec reads the round's replies (once, together: a codec may aggregate in its own space)."""
+    ok = [n for n in nodes if n.reply is not None]
+    if not ok:
+        return
+    config = ok[0].config
+    ctx = CodecContext(seed=int(config.get("codec-seed", 0)), server_round=server_round)
+    for node, content in zip(ok, codec.decode_round([n.reply for n in ok], arrays_sent, ctx)):
+        for key, record in content.array_records.items():
+            content[key] = fast_reading(record)  # Flower's aggregation reads every array
+        node.reply = content
 
 
 def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arrays: ArrayRecord,
@@ -106,14 +130,15 @@ def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arra
         sent = {m.metadata.dst_node_id: m.content for m in messages}
         replies: Iterable[Message] = grid.send_and_receive(messages, timeout=timeout)
         by_node = {m.metadata.src_node_id: m for m in replies}
-        nodes = [_node_round(n, sent[n], by_node.get(n), codec, arrays) for n in sorted(sent)]
+        nodes = [_node_round(n, sent[n], by_node.get(n)) for n in sorted(sent)]
+        _decode_replies(nodes, codec, arrays, server_round)
         for node in nodes:  # the strategy aggregates what the codec decoded
             if node.reply is not None:
                 by_node[node.node_id].content = node.reply
         new_arrays, metrics = strategy.aggregate_train(server_round, [by_node[n] for n in sorted(by_node)])
         bytes_up, bytes_down = grid.take_round()
         record = RoundRecord(server_round, arrays, nodes, new_arrays if new_arrays is not None else arrays,
-                             dict(metrics or {}), bytes_up, bytes_down, started, {"round": server_round})
+                             dict(metrics or {}), bytes_up, bytes_down, started, {"round": server_round}, codec)
         arrays = record.arrays
         for observer in observers:
             observer.on_round(record)

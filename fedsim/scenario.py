@@ -135,10 +135,33 @@ class AuditConfig(_Strict):
         return v
 
 
-def _none_section(v: Any) -> Any:
+def _upload_section(v: Any) -> Any:
+    """``none``, or ``{codec: name, <that codec's settings>}`` checked by the codec's params model."""
+    from strategies.compression import codec_class, codec_names
+
     if v is None or v == "none":
         return "none"
-    raise ValueError("only 'none' is supported in this version")
+    if not isinstance(v, dict):
+        raise _PathError(("upload",), f"none, or a mapping: codec (one of {', '.join(codec_names())}) and its "
+                         f"settings (ratio ...)")
+    name = v.get("codec", "none")
+    try:
+        cls = codec_class(str(name))
+    except KeyError as exc:
+        raise _PathError(("upload", "codec"), str(exc.args[0])) from None
+    settings = {k: val for k, val in v.items() if k != "codec"}
+    try:
+        params = cls.Params(**settings)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(map(str, err["loc"]))
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(["codec", *cls.Params.model_fields])
+            raise _PathError(("upload", *loc), f"unknown key for {name}; allowed: {allowed}") from None
+        raise _PathError(("upload", *loc) if loc else ("upload",), _describe(err)) from None
+    if name == "none":
+        return "none"
+    return {"codec": name, **params.model_dump(mode="json")}
 
 
 class Scenario(_Strict):
@@ -148,13 +171,25 @@ class Scenario(_Strict):
     model: ModelConfig = ModelConfig()
     strategy: StrategyConfig = StrategyConfig()
     train: TrainConfig = TrainConfig()
-    upload: Any = "none"
-    defense: Any = Field("none", description="none, or a defense with its settings (name: dp_user)")
+    upload: Any = Field("none", description="none, or a codec with its settings (upload.codec, upload.ratio ...)")
+    defense: Any = Field("none", description="none, a defense with its settings (name: dp_user, dp_sgd, clip, "
+                         "prune, noise), or a list of them applied in order")
     audit: Literal["none"] | AuditConfig = Field("none", description="none, or the per-round privacy audit")
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
 
-    _check_upload = field_validator("upload", mode="before")(lambda cls, v: _none_section(v))
+    _check_upload = field_validator("upload", mode="before")(lambda cls, v: _upload_section(v))
+
+    @model_validator(mode="after")
+    def _upload_composes(self) -> "Scenario":
+        """Flower's client-side clipping mod clips the reply's ``arrays``, which a codec replaces."""
+        if self.upload == "none" or self.defense == "none":
+            return self
+        blocks = self.defense if isinstance(self.defense, list) else [self.defense]
+        if any(getattr(b, "name", None) == "dp_user" and getattr(b, "clipping", None) == "client" for b in blocks):
+            raise _PathError(("upload", "codec"), "dp_user with clipping: client clips the uncompressed reply "
+                             "(Flower's fixedclipping_mod); use clipping: server with an upload codec")
+        return self
 
     @field_validator("audit", mode="before")
     @classmethod
@@ -198,35 +233,72 @@ class Scenario(_Strict):
     @field_validator("defense", mode="before")
     @classmethod
     def _defense(cls, v: Any) -> Any:
-        from defenses import DpUserParams
+        """A defense block or a list of them (applied in order), each checked by its own params model."""
+        from defenses import PARAMS
 
-        if v is None or v == "none":
+        if v is None or v == "none" or v == []:
             return "none"
-        if not isinstance(v, dict) or v.get("name") != "dp_user":
-            name = v.get("name") if isinstance(v, dict) else v
-            raise _PathError(("defense", "name"), f"unknown defense {name!r}; choose none or dp_user")
-        try:
-            return DpUserParams(**v)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise _PathError(("defense", *map(str, err["loc"])), _describe(err, DpUserParams)) from None
+        blocks = v if isinstance(v, list) else [v]
+        out = []
+        for i, block in enumerate(blocks):
+            at = (str(i),) if isinstance(v, list) else ()
+            name = block.get("name") if isinstance(block, dict) else block
+            if not isinstance(block, dict) or name not in PARAMS:
+                raise _PathError(("defense", *at, "name"), f"unknown defense {name!r}; choose none or one of "
+                                 f"{', '.join(sorted(PARAMS))} (a mapping with its settings, or a list of them)")
+            try:
+                out.append(PARAMS[name](**block))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise _PathError(("defense", *at, *map(str, err["loc"])), _describe(err, PARAMS[name])) from None
+        names = [b.name for b in out]
+        if len(set(names)) != len(names):
+            raise _PathError(("defense",), f"each defense at most once (got {', '.join(names)})")
+        return out
+
+    def defenses(self) -> list[BaseModel]:
+        """The defense blocks in the order they apply (empty for none)."""
+        return [] if self.defense == "none" else list(self.defense)
 
     @model_validator(mode="after")
     def _defense_composes(self) -> "Scenario":
-        """Flower's accounted DP wrappers need FedAvg's own aggregation and a fixed sample size."""
-        if self.defense == "none":
-            return self
+        """Flower's accounted DP wrappers need FedAvg's own aggregation and a fixed sample size;
+        DP-SGD needs a strategy whose local step Opacus can privatise and a model Opacus handles."""
         from strategies import get_strategy, strategy_names
 
+        blocks = self.defenses()
+        if {"dp_sgd", "dp_user"} <= {b.name for b in blocks}:  # one epsilon column, two different guarantees
+            raise _PathError(("defense",), "dp_sgd (sample-level) and dp_user (user-level) each account their own "
+                             "epsilon; use one of them")
         if self.strategy.name not in strategy_names():
             return self  # _strategy_known names the problem
-        if not get_strategy(self.strategy.name).uses_flower_aggregation():
-            raise _PathError(("defense", "name"),
-                             f"dp_user (Flower's DP strategy wrapper) needs a strategy that aggregates with Flower's "
-                             f"FedAvg.aggregate_train (fedavg, fedprox); {self.strategy.name} has its own rule")
-        if self.train.sampling != "fixed":
-            raise _PathError(("train", "sampling"), "dp_user's accountant needs a fixed number of clients "
-                             "per round: use sampling: fixed")
+        for i, block in enumerate(blocks):
+            at = ("defense", *((str(i),) if len(blocks) > 1 else ()), "name")
+            if block.name == "dp_user":
+                if not get_strategy(self.strategy.name).uses_flower_aggregation():
+                    raise _PathError(at, f"dp_user (Flower's DP strategy wrapper) needs a strategy that aggregates "
+                                     f"with Flower's FedAvg.aggregate_train (fedavg, fedprox); {self.strategy.name} "
+                                     f"has its own rule")
+                if self.train.sampling != "fixed":
+                    raise _PathError(("train", "sampling"), "dp_user's accountant needs a fixed number of clients "
+                                     "per round: use sampling: fixed")
+                if block.adaptive:
+                    from defenses.dp_user import adaptive_refusal
+                    from strategies.base import fixed_sample_size
+
+                    reason = adaptive_refusal(block, fixed_sample_size(self.data.num_clients, self.train.participation))
+                    if reason:
+                        raise _PathError((*at[:-1], "noise_multiplier"), reason)
+            if block.name == "dp_sgd":
+                from defenses.dp_sgd import PRIVATE_STRATEGIES, refusal
+
+                if self.strategy.name not in PRIVATE_STRATEGIES:
+                    raise _PathError(at, f"dp_sgd privatises the plain local SGD step of {', '.join(PRIVATE_STRATEGIES)}; "
+                                     f"{self.strategy.name}'s step takes extra gradients (SAM, synthetic features) "
+                                     f"that Opacus cannot clip per sample")
+                reason = refusal(_model_of(self))
+                if reason:
+                    raise _PathError(("model", "name"), f"dp_sgd: Opacus cannot train {self.model.name}: {reason}")
         return self
 
     @model_validator(mode="after")
@@ -255,11 +327,31 @@ class Scenario(_Strict):
         return spec.params(**self.strategy.params())
 
     def upload_codec(self) -> str:
-        """The upload codec's name (``none`` until the codecs issue adds others)."""
+        """The upload codec's name."""
         return "none" if self.upload == "none" else str(self.upload["codec"])
+
+    def upload_params(self) -> BaseModel:
+        """The upload codec's settings (its params model)."""
+        from strategies.compression import codec_params
+
+        if self.upload == "none":
+            return codec_params("none")
+        return codec_params(self.upload_codec(), {k: v for k, v in self.upload.items() if k != "codec"})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _model_of(s: Scenario):
+    """The scenario's model, for Opacus's module check (layer types only: the input size is nominal)."""
+    from .models import build_model
+
+    m, d = s.model, s.data
+    channels = {"cifar10": 3, "synthetic": d.synthetic.channels}.get(d.dataset, 1)
+    size = d.image_size or {"digits": 8, "mnist": 28, "cifar10": 32, "synthetic": d.synthetic.size}.get(d.dataset, 32)
+    classes = d.synthetic.classes if d.dataset == "synthetic" else 10
+    return build_model(m.name, channels, max(size, 16) if m.name != "mlp" else size, classes, dropout=m.dropout,
+                       dropout_at=m.dropout_at, hidden=tuple(m.hidden), init=m.init, seed=0)
 
 
 class _PathError(ValueError):

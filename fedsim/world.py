@@ -21,7 +21,12 @@ from .partition import ClientSplit, partition_indices, train_val_split, val_coun
 from .scenario import DataConfig, ModelConfig, Scenario, scenario_from_text
 
 # Independent streams of the one scenario seed: 1 client sampling (strategies.base), 2 local
-# training (strategies.trainer), 3 model init, 4 data split, 5 DP noise (defenses.dp_user).
+# training (strategies.trainer), 3 model init, 4 data split, 5 DP noise (defenses.dp_user), 6 audit,
+# 7 upload codecs (strategies.compression.CODEC_STREAM: the seed client and server share for sketches,
+# and, per round and client, TernGrad's rounding and the sketch's noise), 8 DP-SGD's Poisson batches
+# and 9 its gradient noise (defenses.dp_sgd; both keyed by the client's stream-2 seed of the round, so
+# by (seed, round, partition id)), 10 the upload noise defense (defenses.upload_transforms; by (seed,
+# round, partition id), plus 1 for the audit's gradient query).
 MODEL_STREAM, SPLIT_STREAM = 3, 4
 
 

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from .compression import codec_seed
 from .trainer import ClientData, LocalTrainer, TrainSettings
 from .upload import Upload
 
@@ -63,6 +64,7 @@ class ServerSettings:
     strategy: str = "fedavg"
     strategy_params: str = "{}"  # the hyperparameters as JSON, as the client reads them back
     codec: str = "none"
+    codec_params: str = "{}"  # the codec's settings as JSON (strategies.compression.codec_params)
 
 
 def client_config(s: ServerSettings, server_round: int) -> dict[str, Any]:
@@ -72,7 +74,8 @@ def client_config(s: ServerSettings, server_round: int) -> dict[str, Any]:
     return {"server-round": server_round, "lr": s.lr * s.lr_decay ** (server_round - 1),
             "local-epochs": s.local_epochs, "batch-size": s.batch_size, "momentum": s.momentum,
             "weight-decay": s.weight_decay, "seed": s.seed, "strategy": s.strategy,
-            "strategy-params": s.strategy_params, "codec": s.codec}
+            "strategy-params": s.strategy_params, "codec": s.codec, "codec-params": s.codec_params,
+            "codec-seed": codec_seed(s.seed)}
 
 
 @dataclass
@@ -86,9 +89,10 @@ class ClientJob:
     content: RecordDict
     state: RecordDict
     sent: dict[str, torch.Tensor] = field(default_factory=dict)  # the global state dict, as received
+    private: Any = None  # DP-SGD for this round (defenses.dp_sgd.PrivateTraining), as the message asks
 
     def trainer(self) -> LocalTrainer:
-        return LocalTrainer(self.model, self.data, self.settings)
+        return LocalTrainer(self.model, self.data, self.settings, private=self.private)
 
     def upload(self, trainer: LocalTrainer, metrics: dict[str, float] | None = None,
                extras: dict[str, Any] | None = None) -> Upload:

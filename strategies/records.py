@@ -48,7 +48,9 @@ def encode(value: Any) -> Array:
         data = buf.getvalue()
         _encode_headers[key] = data[: len(data) - arr.nbytes]
         return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype="numpy.ndarray", data=data)
-    return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype="numpy.ndarray", data=header + arr.tobytes())
+    # One copy of the payload (``header + arr.tobytes()`` would copy it twice): the same bytes.
+    return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype="numpy.ndarray",
+                 data=b"".join((header, arr.reshape(-1).view(np.uint8).data)))
 
 
 # numpy's public header readers; version 3 (UTF-8 field names) is left to Array.numpy().

@@ -88,8 +88,12 @@ class LocalTrainer:
     gradients from ``gradient`` and finish each step with ``apply``.
     """
 
-    def __init__(self, model: nn.Module, data: ClientData, settings: TrainSettings, sampler=None):
+    def __init__(self, model: nn.Module, data: ClientData, settings: TrainSettings, sampler=None, private=None):
         self.model, self.data, self.settings = model, data, settings
+        # DP-SGD (defenses.dp_sgd): its own (Poisson) sampler and Opacus's optimiser inside ``run``.
+        self.private = private
+        if private is not None:
+            sampler = private.sampler()
         # Dropout masks draw from the default CPU generator. (torch.manual_seed would also queue
         # a lazy CUDA seeding that records a stack trace: ~1 ms a call.)
         torch.default_generator.manual_seed(settings.seed)
@@ -101,6 +105,8 @@ class LocalTrainer:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) of every step, in the recorded order; the model in training mode."""
+        if self.private is not None:  # validation refuses these strategies; never train non-privately
+            raise RuntimeError("dp_sgd privatises only the trainer's plain run()")
         self.model.train()
         for idx in self.schedule:
             yield self.data.x[idx], self.data.y[idx]
@@ -131,10 +137,15 @@ class LocalTrainer:
     def run(self, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
             before_step: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
         """Plain local SGD on cross-entropy (plus ``extra_loss``); returns ``metrics()``."""
+        if self.private is not None:
+            return self.private.run(self, extra_loss, before_step)
         for x, y in self.batches():
             loss = nn.functional.cross_entropy(self.model(x), y)
             self.step(loss, loss + extra_loss(self.model) if extra_loss is not None else None, before_step)
         return self.metrics()
 
     def metrics(self) -> dict[str, float]:
-        return {"train_loss": self.loss_sum / max(self.steps, 1), "local_steps": float(self.steps)}
+        out = {"train_loss": self.loss_sum / max(self.steps, 1), "local_steps": float(self.steps)}
+        if self.private is not None:  # the client's epsilon so far, its clipping fraction
+            out.update(self.private.metrics)
+        return out

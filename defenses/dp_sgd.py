@@ -1,0 +1,317 @@
+"""``dp_sgd``: sample-level DP-SGD inside every client's local training, by Opacus.
+
+Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar, Zhang, "Deep Learning with Differential
+Privacy", CCS 2016: each step clips every per-sample gradient to L2 norm ``max_grad_norm``,
+sums them, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` and divides by the
+expected batch size; the moments (RDP) accountant tracks the privacy spent.
+
+Opacus does all of it: its ``GradSampleModule`` computes the per-sample gradients (mode
+``grad_sample_mode``: hooks, functorch or expanded weights), ``DPOptimizer`` clips, noises and
+scales, and its accountants (``rdp``, ``prv``, ``gdp``) give epsilon. fedsim adds only the
+batch schedule and the seeding: Poisson sampling (every sample in a step's batch with
+probability ``q = 1 / ceil(n / batch_size)``, ``ceil(n / batch_size)`` steps an epoch, as
+Opacus's ``DPDataLoader``) drawn from stream 8 of the client's round seed, and the noise from
+stream 9, so one scenario seed gives one run on every engine; an empty Poisson batch steps with
+noise alone (Opacus's expanded-weights mode refuses a 0-sample forward); ``DPOptimizer``'s
+clipping also counts what it clipped (the round's ``clip_fraction``). With the same batches
+and generator the update is Opacus's own loop's, bit for bit (tests/test_defenses.py).
+
+Per client: the accountant's history ``(noise_multiplier, sample_rate, steps)`` lives in the
+node's ``Context.state`` (a ConfigRecord) and Opacus's accountant is rebuilt from it every
+round, so epsilon is the client's total over every round it trained in. Each participant
+reports its epsilon; the server reports the largest over all clients so far.
+
+With ``target_epsilon`` the client picks the noise multiplier with Opacus's
+``get_noise_multiplier`` for its own sample rate and the largest number of steps it can take
+(it trains in every round), so the target holds whatever sampling chooses.
+
+Which strategies: those whose local step is the trainer's plain ``run`` (fedavg, fedprox,
+scaffold, fedce). FedProx's proximal gradient and SCAFFOLD's correction are added to the
+privatised gradient (both depend on no sample of this step). FedSpeed (two SAM gradients a
+step) and FedImpro (a loss on synthetic features) are refused at validation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from .base import Defense
+
+POISSON_STREAM = 8   # Poisson batch sampling, derived from the client's round seed (fedsim/world.py)
+DP_NOISE_STREAM = 9  # DP-SGD's gradient noise, likewise
+STATE_KEY = "dp_sgd.accountant"
+PRIVATE_STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedce")
+
+
+class DpSgdParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["dp_sgd"] = "dp_sgd"
+    noise_multiplier: float | None = Field(None, gt=0, description="noise std / max_grad_norm")
+    target_epsilon: float | None = Field(None, gt=0, description="instead of noise_multiplier: epsilon after all rounds")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient L2 bound")
+    poisson: bool = Field(True, description="Poisson sampling; false: shuffled fixed-size batches, accounted "
+                          "as if Poisson (as Opacus does without poisson_sampling: an approximation)")
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    # ew (expanded weights) measured fastest of Opacus's exact modes on W1 and LeNet
+    # (benchmarks/defenses.py); hooks and functorch give the same per-sample gradients.
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "ew"
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> "DpSgdParams":
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+def refusal(model: nn.Module) -> str | None:
+    """Opacus's reason for not handling ``model`` (BatchNorm ...), or None."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    return "; ".join(str(e).splitlines()[0] for e in errors) if errors else None
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+class DpSgd(Defense):
+    def __init__(self, params: DpSgdParams, num_clients: int, sampled_per_round: int, seed: int, rounds: int = 1):
+        self.params, self.rounds = params, rounds
+        self.epsilons: dict[int, float] = {}  # partition id -> epsilon so far
+
+    def client_step(self) -> dict[str, Any]:
+        return {**self.params.model_dump(), "rounds": self.rounds}
+
+    def on_round(self, record) -> None:
+        self.round_eps, self.round_clip = {}, []
+        for node in record.replies:
+            m = node.reply.get("metrics")
+            if m is not None and "dp-epsilon" in m:
+                self.round_eps[node.partition_id] = float(m["dp-epsilon"])
+                self.round_clip.append(float(m["dp-clip-fraction"]))
+        self.epsilons.update(self.round_eps)
+
+    def report(self) -> dict[str, Any]:
+        if not self.epsilons:
+            return {}
+        return {"epsilon": max(self.epsilons.values()), "delta": self.params.delta,
+                "epsilon_clients": {str(k): v for k, v in sorted(self.round_eps.items())},
+                "clip_fraction": float(np.mean(self.round_clip)) if self.round_clip else None}
+
+
+# ----------------------------------------------------------------------------- client side
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)
+
+
+class PoissonSampler:
+    """``local_epochs * ceil(n / B)`` steps, each sample in a step with probability 1/ceil(n / B)."""
+
+    def schedule(self, num_samples: int, settings) -> list[torch.Tensor]:
+        k = steps_per_epoch(num_samples, settings.batch_size)
+        rng = np.random.default_rng([settings.seed, POISSON_STREAM])
+        u = rng.random((settings.local_epochs * k, num_samples))
+        return [torch.from_numpy(np.flatnonzero(row < 1.0 / k)) for row in u]
+
+
+class _CountingDPOptimizer:
+    """Opacus's ``DPOptimizer``, counting the per-sample gradients its clipping scaled down."""
+
+    @staticmethod
+    def build(optimizer, **kwargs):
+        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        class Counting(DPOptimizer):
+            clipped = seen = 0
+
+            def clip_and_accumulate(self):
+                """``DPOptimizer.clip_and_accumulate`` (Opacus 1.6), line for line, plus the count: the
+                per-sample norms are its own, not computed twice (they cost ~10% of a small model's step)."""
+                if len(self.grad_samples[0]) == 0:
+                    per_sample_clip_factor = torch.zeros((0,), device=self.grad_samples[0].device)
+                else:
+                    per_param_norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
+                    per_sample_norms = torch.stack(per_param_norms, dim=1).norm(2, dim=1)
+                    per_sample_clip_factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
+                    self.clipped += int((per_sample_clip_factor < 1.0).sum())
+                    self.seen += len(per_sample_norms)
+                for p in self.params:
+                    _check_processed_flag(p.grad_sample)
+                    grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+                    grad = torch.einsum("i,i...", per_sample_clip_factor.to(p.dtype), grad_sample)
+                    if p.summed_grad is not None:
+                        p.summed_grad += grad
+                    else:
+                        p.summed_grad = grad
+                    _mark_as_processed(p.grad_sample)
+
+        return Counting(optimizer, **kwargs)
+
+
+def load_accountant(state: RecordDict, mechanism: str):
+    from opacus.accountants import create_accountant
+
+    accountant = create_accountant(mechanism)
+    rec = state.get(STATE_KEY)
+    if rec is not None:
+        accountant.history = [(float(s), float(q), int(t)) for s, q, t in
+                              zip(rec["noise"], rec["rate"], rec["steps"])]
+    return accountant
+
+
+def save_accountant(state: RecordDict, accountant) -> None:
+    h = accountant.history
+    state[STATE_KEY] = ConfigRecord({"noise": [float(s) for s, _, _ in h], "rate": [float(q) for _, q, _ in h],
+                                     "steps": [int(t) for _, _, t in h]})
+
+
+def noise_multiplier_for(p: DpSgdParams, sample_rate: float, total_steps: int) -> float:
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    return _searched_noise(p.target_epsilon, p.delta, sample_rate, total_steps, p.accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _searched_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus's binary search (dozens of accountant evaluations), once per process per setting."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():  # the search's probes at large sigma hit the largest RDP order: noise
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_one_step(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as analysis
+
+    return analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders))
+
+
+def epsilon_of(accountant, delta: float) -> float:
+    """The accountant's ``get_epsilon(delta)``. For RDP, the same arithmetic as Opacus's
+    ``RDPAccountant.get_privacy_spent`` (``compute_rdp`` is the one-step RDP times the steps),
+    with the one-step RDP cached: computing it costs ~0.25 s (fractional orders), every round,
+    for every client, while (sample rate, noise) rarely change."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    if type(accountant) is not RDPAccountant or not accountant.history:
+        return float(accountant.get_epsilon(delta=delta))
+    orders = tuple(accountant.DEFAULT_ALPHAS)
+    rdp = sum(_rdp_one_step(q, s, orders) * t for s, q, t in accountant.history)
+    eps, _ = analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    return float(eps)
+
+
+class PrivateTraining:
+    """One client's DP-SGD round: the trainer's ``run`` through Opacus."""
+
+    def __init__(self, step: dict[str, Any], state: RecordDict):
+        self.params = DpSgdParams.model_validate({k: v for k, v in step.items() if k != "rounds"})
+        self.rounds, self.state = int(step["rounds"]), state
+        self.metrics: dict[str, float] = {}
+
+    def sampler(self):
+        from strategies.trainer import EpochShuffleSampler
+
+        return PoissonSampler() if self.params.poisson else EpochShuffleSampler()
+
+    def run(self, trainer, extra_loss=None, before_step=None) -> dict[str, float]:
+        from opacus.grad_sample.utils import wrap_model
+
+        p, s, model = self.params, trainer.settings, trainer.model
+        n = trainer.data.num_examples
+        k = steps_per_epoch(n, s.batch_size)
+        q = 1.0 / k
+        sigma = noise_multiplier_for(p, q, self.rounds * s.local_epochs * k)
+        accountant = load_accountant(self.state, p.accountant)
+        noise_gen = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, DP_NOISE_STREAM]).integers(2**62)))
+        gsm = wrap_model(model, p.grad_sample_mode, batch_first=True, loss_reduction="mean")
+        # torch.optim.SGD, not LocalSGD: Opacus's DPOptimizer wraps a torch Optimizer (same update rule).
+        optimizer = _CountingDPOptimizer.build(
+            torch.optim.SGD(trainer.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
+            noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+            expected_batch_size=max(1, int(n * q)),  # as PrivacyEngine.make_private sets it
+            loss_reduction="mean", generator=noise_gen)
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))  # as PrivacyEngine does
+        try:
+            # Opacus's hooks on the first layer see an input that needs no gradient: harmless, said each step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            model.train()
+            for idx in trainer.schedule:
+                optimizer.zero_grad(set_to_none=True)
+                if len(idx):
+                    loss = nn.functional.cross_entropy(gsm(trainer.data.x[idx]), trainer.data.y[idx])
+                    loss.backward()
+                else:  # an empty Poisson batch: no per-sample gradients, the step is noise alone
+                    for prm in trainer.params:  # (what a forward pass on 0 samples gives; ew refuses one)
+                        prm.grad_sample = torch.zeros((0, *prm.shape), dtype=prm.dtype)
+                if optimizer.pre_step():  # clip, sum, noise, scale; the accountant steps here
+                    if extra_loss is not None:  # FedProx: data-independent, added after privatising
+                        for prm, g in zip(trainer.params, torch.autograd.grad(extra_loss(model), trainer.params,
+                                                                              allow_unused=True)):
+                            if g is not None:
+                                prm.grad.add_(g)
+                    if before_step is not None:
+                        before_step(model)
+                    optimizer.original_optimizer.step()
+                if len(idx):  # an empty batch has no loss to report
+                    trainer.loss_sum += loss.item()
+                trainer.steps += 1
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            gsm._close()  # the model object is reused by later (maybe non-private) calls in this process
+            for prm in trainer.params:
+                for attr in ("summed_grad", "grad_sample"):
+                    if hasattr(prm, attr):
+                        delattr(prm, attr)
+        save_accountant(self.state, accountant)
+        self.metrics = {"dp-epsilon": epsilon_of(accountant, p.delta), "dp-noise-multiplier": sigma,
+                        "dp-clip-fraction": optimizer.clipped / optimizer.seen if optimizer.seen else 0.0}
+        return trainer.metrics()
+
+
+def private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: dict[str, Any], num_examples: int,
+                     train_batch_size: int, local_epochs: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The audit's gradient query under DP-SGD: one step's privatised gradient on (x, y): per-sample
+    gradients (Opacus's GradSampleModule) clipped to ``max_grad_norm``, summed, Gaussian noise of std
+    ``sigma * max_grad_norm`` added, divided by the batch. ``sigma`` is the one this client trains with
+    (from its training batch size and epochs when it is derived from ``target_epsilon``)."""
+    from opacus.grad_sample.utils import wrap_model
+
+    p = DpSgdParams.model_validate({k: v for k, v in step.items() if k != "rounds"})
+    k = steps_per_epoch(num_examples, train_batch_size)
+    sigma = noise_multiplier_for(p, 1.0 / k, int(step["rounds"]) * local_epochs * k)
+    params = list(model.parameters())
+    gsm = wrap_model(model, p.grad_sample_mode, batch_first=True, loss_reduction="sum")
+    try:
+        for prm in params:
+            prm.grad = None
+        nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+        samples = [prm.grad_sample for prm in params]
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], 1).norm(2, dim=1)
+        factor = (p.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # DPOptimizer's clipping factor
+        out = [(torch.einsum("i,i...", factor, g) + torch.normal(0.0, sigma * p.max_grad_norm, g.shape[1:],
+                                                                  generator=generator)) / len(y) for g in samples]
+    finally:
+        gsm._close()
+        for prm in params:
+            prm.grad = None
+            if hasattr(prm, "grad_sample"):
+                delattr(prm, "grad_sample")
+    return {name: g.detach() for (name, _), g in zip(model.named_parameters(), out)}
