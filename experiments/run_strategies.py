@@ -8,7 +8,8 @@ half the clients per round). Each method runs with its reference defaults, three
 Writes experiments/results/strategies_noniid.{md,png,json}: mean and std over seeds of
 final and best accuracy, and the rounds each method needs to reach FedAvg's best
 (the mean over seeds of FedAvg's best accuracy). Per-run outputs go to
-runs/strategies_noniid/<method>/seed<k>/. ``--variants`` adds diagnostic FedSpeed runs.
+runs/strategies_noniid/<method>/seed<k>/. ``--variants`` adds diagnostic FedSpeed runs;
+``--reference`` adds FedSpeed, FedCE and FedImpro with ``fidelity: reference`` (the official code).
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ VARIANTS: dict[str, list[str]] = {
     "FedSpeed, example weighting": ["strategy.name=fedspeed", "strategy.weighting=examples"],
     "FedSpeed, lamb 0 (local SAM only)": ["strategy.name=fedspeed", "strategy.lamb=0"],
     "FedSpeed, rho 0 (prox-correction only)": ["strategy.name=fedspeed", "strategy.rho=0"],
+}
+
+# The official code of each method (strategy hyperparameter ``fidelity: reference``), beside the defaults.
+REFERENCE: dict[str, list[str]] = {
+    "FedSpeed, reference code": ["strategy.name=fedspeed", "strategy.fidelity=reference"],
+    "FedCE, reference code": ["strategy.name=fedce", "strategy.fidelity=reference"],
+    "FedImpro, reference code": ["strategy.name=fedimpro", "strategy.fidelity=reference"],
 }
 
 
@@ -129,10 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=None, help="override train.rounds")
     ap.add_argument("--variants", action="store_true", help="also run FedSpeed diagnostic variants")
+    ap.add_argument("--reference", action="store_true", help="also run the reference-code modes")
+    ap.add_argument("--only", nargs="+", default=None, metavar="STRATEGY",
+                    help="run only the methods of these strategies (e.g. fedavg fedspeed); fedavg is always run")
     ap.add_argument("--name", default="strategies_noniid", help="output file stem in experiments/results")
     args = ap.parse_args(argv)
 
-    methods = dict(METHODS, **(VARIANTS if args.variants else {}))
+    methods = dict(METHODS, **(VARIANTS if args.variants else {}), **(REFERENCE if args.reference else {}))
+    if args.only:
+        keep = {"fedavg", *args.only}
+        methods = {m: o for m, o in methods.items() if o[0].split("=", 1)[1] in keep}
     jobs = [(m, o, s, args.rounds, str(ROOT / "runs" / args.name / m.replace(" ", "_").replace(",", "")
                                        / f"seed{s}")) for m, o in methods.items() for s in args.seeds]
     start = time.perf_counter()

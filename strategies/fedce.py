@@ -33,6 +33,15 @@ Partial participation (the reference has every client every round):
 ``consensus: uniform`` reproduces the reference's server, whose consensus direction
 always uses 1/N (it never stores the new coefficients); ``current`` (default) is the paper.
 
+``fidelity``: ``paper`` (default) is the rule above. ``reference`` reproduces NVFlare's
+code: the consensus coefficient is 1/N for good (``consensus`` uniform; the reference fixes
+it in round 0 to 1/(round-0 sites), which is 1/N with every client in every round), and a
+client records a minus-model score of 0 whenever it has none to compute (NVFlare's round 0:
+no last model yet) and keeps that 0 in its mean, so every client reports s_d = 1 - 0 = 1 in
+its first round and 1 - mean(0, v_2, ...) after. Every participant has an s_d, so the plus
+and times rules are the reference's. (The reference takes cosines over trainable parameters
+only; fedsim's models hold no floating buffers, so all floating arrays are the same set.)
+
 Reported in metrics.jsonl every round: ``contribution`` (c of every client, by partition id;
 ``node-<id>`` for one not yet seen), ``agg_weight`` (a_i of this round's participants), ``s_g``/``s_d``,
 and the performance-fairness spread: ``acc_spread`` (std) and ``acc_range`` (max - min)
@@ -50,7 +59,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
@@ -68,6 +77,16 @@ class FedCEParams(BaseModel):
     mode: Literal["plus", "times"] = Field("plus", description="combination of the two scores")
     consensus: Literal["current", "uniform"] = Field(
         "current", description="c in the consensus direction: current weights (paper) or 1/N (reference code)")
+    fidelity: Literal["paper", "reference"] = Field(
+        "paper", description="paper; reference: NVFlare's code (consensus 1/N, s_d with a 0 for the first round)")
+
+    @model_validator(mode="after")
+    def _reference_consensus(self) -> "FedCEParams":
+        if self.fidelity == "reference":
+            if "consensus" in self.model_fields_set and self.consensus != "uniform":
+                raise ValueError("fidelity 'reference' uses the reference's consensus (consensus 'uniform')")
+            self.consensus = "uniform"
+        return self
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -220,6 +239,8 @@ class FedCEClient(ClientAlgorithm):
             v_sum += accuracy(model, data.x_val, data.y_val)
             v_count += 1
             model.load_state_dict(global_sd)
+        elif self.params.fidelity == "reference":  # NVFlare records 0 when it has no minus model
+            v_count += 1
         state[HISTORY_KEY] = ConfigRecord({"v_sum": v_sum, "v_count": v_count})
 
         trainer = job.trainer()

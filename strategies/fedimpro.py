@@ -26,6 +26,35 @@ that hold it, the estimates are averaged ``uniform``ly or ``class_count``-weight
 pooled variance  sigma^2 = sum_i w_i sigma_i^2 + sum_i w_i (mu_i - mu)^2,  w_i = n_ic / n_c.
 Classes no participant holds this round keep their previous global estimate. The global
 estimates travel to the clients beside the model (they count in bytes_down).
+
+``fidelity``: ``paper`` (default) is the rule above: the paper's method as fedsim reads it
+(clients sample from the global estimate and upload a noisy local one), with fedsim's
+choices where the paper leaves them open (sampled classes, estimate initialisation, EMA
+weight, ramp, per-class server average). ``reference`` reproduces the official code
+(``trainers/spliter.py``, ``FeatureSynthesisModels/GaussianSynthesisLabel.py``, with the
+settings of its published run scripts: std mode ``update``, estimate mode ``selected`` /
+``uniform``, weight schedule ``gradual2half`` over 500 epochs):
+- the estimator starts as mu ~ U[0, 1) (seeded by the scenario seed, the same on every
+  client) and sigma = ``feature_std`` (the official ``fed_split_noise_std``, 0.1), which
+  also caps every sigma after each class's update (so in a step, classes after the first
+  update from a capped sigma, as the official loop does);
+- every round each client starts from the global estimator (no local state is kept),
+  samples the fake features of each step from its *running* estimate, for all C classes
+  (B // C + 1 of each, labels cyclic), then updates the estimate with the step's real
+  features;
+- moving-average weight w = min(1, F / N_pc) with N_pc = 5000 (``ema_count`` overrides)
+  and F the size of the feature's first dimension: the official code takes the size of
+  the class's *mean* feature, not its sample count. This is a defect of the official
+  code (w does not depend on how many samples of the class the batch holds), kept here
+  because this mode reproduces that code; the paper mode uses the count;
+- loss = CE(real) + ramp * CE(fake), ramp = (round - 1) / ``ramp_rounds`` (500), uncapped
+  (the official progress is its 0-based epoch counter, one per round with its default of
+  one local epoch per round; with E local epochs it would count E per round, which this
+  mode does not follow: it counts rounds);
+- the upload is the estimate itself; ``noise_std`` is the official upload-noise option
+  (``fed_split_client_mean_DP``), off (0) by default in this mode;
+- the server averages the whole mu and sigma tensors uniformly over the round's
+  participants (every class, held or not) and the model by examples (as the paper mode).
 """
 
 from __future__ import annotations
@@ -35,7 +64,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, model_delta
@@ -46,6 +75,8 @@ LOCAL_KEY = "fedimpro.local"
 UPLOAD_KEY = "fedimpro.stats"
 GLOBAL_KEY = "fedimpro.global"
 AUTO_SPLITS = ("layer2", "conv2", "hidden0")
+REFERENCE_RAMP_ROUNDS = 500  # fed_split_feature_weight_max_epochs in the official run scripts
+REFERENCE_EMA_COUNT = 5000   # FeatureSynthesis.predefined_number_per_class
 
 
 class FedImproParams(BaseModel):
@@ -55,7 +86,20 @@ class FedImproParams(BaseModel):
     aggregation: Literal["uniform", "class_count"] = Field("uniform", description="server average of estimates")
     ramp_max: float = Field(0.5, ge=0, description="final weight of the loss on sampled features")
     ramp_rounds: int = Field(10, ge=1, description="rounds over which the weight grows linearly")
-    ema_count: int = Field(0, ge=0, description="N_pc of the moving average; 0 = the client's class count")
+    ema_count: int = Field(0, ge=0, description="N_pc of the moving average; 0 = the client's class count "
+                                                "(reference: 5000)")
+    fidelity: Literal["paper", "reference"] = Field("paper", description="paper; reference: the official code")
+    feature_std: float = Field(0.1, ge=0, description="reference: initial sigma and cap on sigma")
+
+    @model_validator(mode="after")
+    def _reference_defaults(self) -> "FedImproParams":
+        """The reference mode's defaults are the official code's, where not set explicitly."""
+        if self.fidelity == "reference":
+            if "noise_std" not in self.model_fields_set:
+                self.noise_std = 0.0
+            if "ramp_rounds" not in self.model_fields_set:
+                self.ramp_rounds = REFERENCE_RAMP_ROUNDS
+        return self
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -130,7 +174,25 @@ def aggregate_gaussians(mus: list[np.ndarray], sigmas: list[np.ndarray], counts:
     return mu, sigma, present
 
 
+@torch.no_grad()
+def update_estimates_reference(mu: torch.Tensor, sigma: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
+                               weight: float, cap: float) -> None:
+    """The official estimator update, in place: class by class, mu and (where the batch has two
+    or more samples of the class) sigma move by the fixed ``weight``, and after each class every
+    sigma is capped (so a later class updates from its capped sigma, as in the official loop)."""
+    present = set(torch.unique(y).tolist())
+    for c in range(len(mu)):
+        if c in present:
+            hc = h[y == c]
+            mu[c] = (1 - weight) * mu[c] + weight * hc.mean(0)
+            if hc.shape[0] >= 2:
+                sigma[c] = (1 - weight) * sigma[c] + weight * hc.std(0)
+        sigma.clamp_(max=cap)
+
+
 def ramp_weight(server_round: int, params: FedImproParams) -> float:
+    if params.fidelity == "reference":
+        return (server_round - 1) / params.ramp_rounds
     return params.ramp_max * min(1.0, server_round / params.ramp_rounds)
 
 
@@ -158,6 +220,11 @@ class FedImproStrategy(DeltaStrategy):
 
     def aggregate(self, server_round: int, global_arrays: NDArrays, replies: list[Reply]) -> NDArrays:
         stats = [r.records[UPLOAD_KEY] for r in replies]
+        if self.params.fidelity == "reference":  # whole tensors, uniform over the participants
+            self.mu = np.mean([s["mu"].numpy().astype(np.float64) for s in stats], axis=0)
+            self.sigma = np.mean([s["sigma"].numpy().astype(np.float64) for s in stats], axis=0)
+            self.known = np.ones(len(self.mu), bool)
+            return weighted_sum([r.arrays for r in replies], examples_or_uniform(replies, "examples"))
         mu, sigma, present = aggregate_gaussians([s["mu"].numpy() for s in stats], [s["sigma"].numpy() for s in stats],
                                                  [s["count"].numpy() for s in stats], self.params.aggregation)
         if self.known is None:
@@ -187,6 +254,8 @@ class FedImproClient(ClientAlgorithm):
             est = {"mu": torch.zeros(num_classes, *feat_shape), "sigma": torch.zeros(num_classes, *feat_shape),
                    "seen_mu": torch.zeros(num_classes), "seen_sigma": torch.zeros(num_classes)}
         counts = torch.bincount(data.y, minlength=num_classes).float()
+        if p.fidelity == "reference":
+            return self._train_reference(job, low, high, num_classes, feat_shape, counts)
         n_pc = torch.full_like(counts, float(p.ema_count)) if p.ema_count else counts
 
         ramp = float(job.content["config"].get("fedimpro-ramp", 0.0))
@@ -220,6 +289,43 @@ class FedImproClient(ClientAlgorithm):
         up_mu = est["mu"] + p.noise_std * torch.randn(est["mu"].shape, generator=noise)
         up_sigma = est["sigma"] + p.noise_std * torch.randn(est["sigma"].shape, generator=noise)
         stats = to_record({"mu": up_mu, "sigma": up_sigma, "count": counts})
+        metrics = {**trainer.metrics(), "fake_loss": total_fake / max(trainer.steps, 1)}
+        return job.upload(trainer, metrics, {UPLOAD_KEY: stats})
+
+
+    def _train_reference(self, job: ClientJob, low: nn.Module, high: nn.Module, num_classes: int,
+                         feat_shape: tuple[int, ...], counts: torch.Tensor) -> Upload:
+        p, settings = self.params, job.settings
+        config = job.content["config"] if "config" in job.content else {}
+        ramp = float(config.get("fedimpro-ramp", 0.0))
+        shape = (num_classes, *feat_shape)
+        g = to_torch(job.content[GLOBAL_KEY]) if GLOBAL_KEY in job.content else None
+        if g is not None and tuple(g["mu"].shape) == shape:  # every round from the global estimator
+            mu, sigma = g["mu"].clone(), g["sigma"].clone()
+        else:  # the initial estimator, the same on every client
+            init = torch.Generator().manual_seed(int(config.get("seed", 0)))
+            mu, sigma = torch.rand(shape, generator=init), torch.full(shape, p.feature_std)
+        weight = min(1.0, feat_shape[0] / float(p.ema_count or REFERENCE_EMA_COUNT))  # sic: see the docstring
+
+        trainer = job.trainer()
+        fake_gen = torch.Generator().manual_seed(settings.seed + 1)
+        total_fake = 0.0
+        for xb, yb in trainer.batches():
+            y_fake = torch.arange(num_classes).repeat(len(yb) // num_classes + 1)
+            h_fake = mu[y_fake] + sigma[y_fake] * torch.randn((len(y_fake), *feat_shape), generator=fake_gen)
+            h = low(xb)
+            out = high(torch.cat([h, h_fake]))
+            loss = nn.functional.cross_entropy(out[: len(yb)], yb)
+            loss_fake = nn.functional.cross_entropy(out[len(yb):], y_fake)
+            update_estimates_reference(mu, sigma, h.detach(), yb, weight, p.feature_std)
+            trainer.step(loss, loss + ramp * loss_fake)
+            total_fake += loss_fake.item()
+
+        if p.noise_std > 0:  # the official upload-noise option
+            noise = torch.Generator().manual_seed(settings.seed + 2)
+            mu = mu + p.noise_std * torch.randn(mu.shape, generator=noise)
+            sigma = sigma + p.noise_std * torch.randn(sigma.shape, generator=noise)
+        stats = to_record({"mu": mu, "sigma": sigma, "count": counts})
         metrics = {**trainer.metrics(), "fake_loss": total_fake / max(trainer.steps, 1)}
         return job.upload(trainer, metrics, {UPLOAD_KEY: stats})
 

@@ -2,22 +2,37 @@
 
 Sun, Shen, Huang, Ding, Tao, "FedSpeed: Larger Local Interval, Less Communication
 Round, and Higher Generalization Accuracy", ICLR 2023, Algorithm 1. Official code:
-FL-Simulator, ``client/fedspeed.py`` and ``server/FedSpeed.py``.
+FL-Simulator, ``client/fedspeed.py``, ``optimizer/ESAM.py`` and ``server/FedSpeed.py``.
 
-Client i from the global w_t, K steps on minibatches (``lamb`` is the paper's 1/lambda):
-    g1 = grad f_i(w);  w' = w + rho * g1 / ||g1||;  g2 = grad f_i(w')   (same minibatch)
+``lamb`` is the paper's 1/lambda. Write H_i = sum over the client's rounds of its deltas
+(w_K - w_t); the client keeps h_i = -lamb * H_i (the paper's g_hat_i, in Context.state),
+updated after each round by h_i <- h_i - lamb * (w_K - w_t).
+
+Two modes, ``fidelity``:
+
+``paper`` (default): the paper's Algorithm 1, with fedsim's clipping and weight decay.
+  Client from the global w_t, K steps on minibatches:
+    g1 = grad f_i(w);  w' = w + rho * g1 / (||g1|| + 1e-12);  g2 = grad f_i(w')   (same minibatch)
     g  = (1 - alpha) g1 + alpha g2              (official code: alpha = 1, pure SAM)
-    d  = g - h_i + lamb * (w - w_t);  clip ||d|| at max_norm;  SGD step (lr, weight decay)
-then h_i <- h_i - lamb * (w_K - w_t)            (h_i is the paper's g_hat_i, in Context.state).
+    d  = g - h_i + lamb * (w - w_t);  clip ||d|| at max_norm;  SGD step (lr, weight decay wd)
+  Server, ``server_correction``:
+  - ``participants`` (paper, default): each client uploads x_hat_i = w_K - h_i / lamb
+    = w_K + H_i (the paper's x_K - lambda * g_hat_i); the server averages the x_hat_i.
+  - ``all`` (the official server with the paper's client): clients upload w_K; the server
+    keeps every client's H_i and sets  w_{t+1} = mean_S(w_K) + (1/N) sum_{all i} H_i.
+  The correction (H_i: the sum of the client's deltas) does not depend on lamb and does
+  not vanish as lamb -> 0. At lamb = 0 exactly, fedsim switches it off (the dual is off,
+  no correction is uploaded or added: a fedsim convention, so that rho = lamb = 0 is
+  FedAvg; it is not the limit lamb -> 0).
 
-Server, ``server_correction``:
-- ``participants`` (paper, default): each client uploads x_hat_i = w_K - h_i / lamb (the
-  paper's x_K - lambda * g_hat_i) and the server averages the x_hat_i over participants.
-- ``all`` (official code): clients upload w_K; the server keeps, for every client, the sum
-  of its deltas and sets  w_{t+1} = mean_S(w_K) + (1/N) sum_{all i} sum_rounds (w_K - w_t).
-Both corrections equal -(1/lamb) * mean(h_i) over their clients, so they vanish when
-lamb = 0: then the dual is off (the paper's lambda = infinity) and, with rho = 0, FedSpeed
-is FedAvg (with ``weighting: examples`` and ``max_norm: 0``, no clipping).
+``reference``: the official code, step for step. Per minibatch:
+    g_SAM = grad f_i(w + rho * g1 / (||g1|| + 1e-7))   (ESAM; alpha mixes g1 in as above)
+    v = g_SAM + lamb * (H_i - w_t) = g_SAM - h_i - lamb * w_t;  clip ||v|| at max_norm;
+    SGD step with weight decay (wd + lamb): w <- w - lr * (v_clipped + (wd + lamb) w).
+  Without clipping this is the paper's step (v + lamb w = d); with clipping the two clip
+  different vectors (the official one holds -lamb * w_t, about 8 in norm on ResNet-18
+  against the threshold 10). Clients upload w_K; the server is ``all`` (above) with no
+  switch-off at lamb = 0 (``server_correction`` must be left at ``all``).
 
 Defaults are the official code's: rho 0.1, lamb 0.1, max_norm 10 (lr 0.1, decay 0.998,
 weight decay 1e-3 are scenario ``train`` settings). ``alpha`` defaults to 1 (the code).
@@ -29,7 +44,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, model_delta
@@ -48,6 +63,16 @@ class FedSpeedParams(BaseModel):
     server_correction: Literal["participants", "all"] = Field(
         "participants", description="participants: paper (clients upload x_hat); all: official code")
     weighting: Literal["uniform", "examples"] = Field("uniform", description="mean over participants")
+    fidelity: Literal["paper", "reference"] = Field(
+        "paper", description="paper: Algorithm 1 (fedsim's clipping); reference: the official code step for step")
+
+    @model_validator(mode="after")
+    def _reference_server(self) -> "FedSpeedParams":
+        if self.fidelity == "reference":
+            if "server_correction" in self.model_fields_set and self.server_correction != "all":
+                raise ValueError("fidelity 'reference' uses the official server (server_correction 'all')")
+            self.server_correction = "all"
+        return self
 
 
 class FedSpeedStrategy(DeltaStrategy):
@@ -59,7 +84,8 @@ class FedSpeedStrategy(DeltaStrategy):
     def aggregate(self, server_round: int, global_arrays: NDArrays, replies: list[Reply]) -> NDArrays:
         weights = examples_or_uniform(replies, self.params.weighting)
         mean = weighted_sum([r.arrays for r in replies], weights)
-        if self.params.server_correction == "participants" or self.params.lamb == 0:
+        p = self.params
+        if p.server_correction == "participants" or (p.lamb == 0 and p.fidelity == "paper"):
             return mean
         if self.delta_sum is None:
             self.delta_sum = {k: np.zeros(v.shape, np.float64) for k, v in global_arrays.items()}
@@ -76,6 +102,8 @@ class FedSpeedClient(ClientAlgorithm):
     def train(self, job: ClientJob) -> Upload:
         p = self.params
         rho, lamb, alpha, max_norm = p.rho, p.lamb, p.alpha, p.max_norm
+        reference = p.fidelity == "reference"
+        sam_eps = 1e-7 if reference else 1e-12  # ESAM's, fedsim's
         names = [n for n, _ in job.model.named_parameters()]
         trainer = job.trainer()
         params = trainer.params
@@ -88,7 +116,7 @@ class FedSpeedClient(ClientAlgorithm):
             g1 = trainer.gradient(loss)
             g = g1
             if rho > 0 and alpha > 0:
-                norm = torch.sqrt(sum((t * t).sum() for t in g1)) + 1e-12
+                norm = torch.sqrt(sum((t * t).sum() for t in g1)) + sam_eps
                 eps = [rho * t / norm for t in g1]
                 with torch.no_grad():
                     for q, e in zip(params, eps):
@@ -101,11 +129,17 @@ class FedSpeedClient(ClientAlgorithm):
             with torch.no_grad():
                 for q, gi, hi, a in zip(params, g, h, anchor):
                     d = gi - hi
-                    if lamb:
+                    if reference:  # lamb * (H_i - w_t); lamb * w is added after clipping
+                        d = d - lamb * a
+                    elif lamb:
                         d = d + lamb * (q - a)
                     q.grad = d
             if max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if reference and lamb:
+                with torch.no_grad():  # the official optimiser's weight decay is wd + lamb
+                    for q in params:
+                        q.grad.add_(q, alpha=lamb)
             trainer.apply(loss)
 
         with torch.no_grad():
