@@ -24,7 +24,7 @@ import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
+from defenses.client import client_steps
 from strategies import TrainSettings, get_strategy
 from strategies.records import to_numpy, to_record, to_torch
 from strategies.trainer import EpochShuffleSampler
@@ -84,13 +85,27 @@ def batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int
 
 def answer_gradient_query(msg_content: RecordDict, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                           partition_id: int) -> RecordDict:
-    """The client's side of the gradient threat: one batch gradient at the sent model."""
+    """The client's side of the gradient threat: one batch gradient at the sent model, through the
+    client-side defenses the query's config names (DP-SGD's clipped noisy gradient; clip/prune/noise)."""
+    from defenses.client import client_steps, defend_gradient
+
     cfg = msg_content["config"]
     model.load_state_dict(to_torch(msg_content["arrays"]))
     rnd, seed = int(cfg["server-round"]), int(cfg["seed"])
     idx = torch.from_numpy(query_batch(len(y), int(cfg["audit-batch-size"]), seed, rnd, partition_id))
-    grads = batch_gradient(model, x[idx], y[idx], seed=int(np.random.default_rng([seed, AUDIT_STREAM, rnd,
-                                                                                  partition_id, 2]).integers(2**62)))
+    grad_seed = int(np.random.default_rng([seed, AUDIT_STREAM, rnd, partition_id, 2]).integers(2**62))
+    dp_sgd = next((s for s in client_steps(cfg) if s["name"] == "dp_sgd"), None)
+    if dp_sgd is None:
+        grads = batch_gradient(model, x[idx], y[idx], seed=grad_seed)
+    else:
+        from defenses.dp_sgd import private_gradient
+
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(grad_seed)
+            model.train()
+            grads = private_gradient(model, x[idx], y[idx], dp_sgd, len(y), int(cfg["batch-size"]),
+                                     int(cfg["local-epochs"]), torch.Generator().manual_seed(grad_seed + 1))
+    grads = defend_gradient(grads, cfg, partition_id)
     return RecordDict({"gradients": to_record(grads),
                        "fedsim": ConfigRecord({"partition-id": partition_id, "batch-size": len(idx)})})
 
@@ -121,6 +136,7 @@ class AuditJob:
     exact_replay: bool
     note: str
     png: str
+    perturbed: bool = False           # a defense or a lossy codec changed what travelled: I2F predicts its effect
 
 
 def run_job(job: AuditJob) -> dict[str, Any]:
@@ -137,12 +153,19 @@ def run_job(job: AuditJob) -> dict[str, Any]:
     else:
         scores = evaluate(rec.images, job.true_images, rec.hard_labels(), job.true_labels)
         save_grid(Path(job.png), job.true_images, rec.images[np.asarray(scores["matching"])])
+    from attacks.i2f import MAX_INPUTS, predicted_psnr
+
+    i2f_psnr = None
+    if job.perturbed and job.true_images is not None and job.true_images.numel() <= MAX_INPUTS:
+        # What the defense or codec moved the reconstruction by, predicted from the perturbation
+        # (what travelled minus the clean upload recomputed at the true batch).
+        i2f_psnr = predicted_psnr(job.observation, job.true_images, job.true_labels)
     return {"round": job.server_round, "client": job.partition_id, "attack": job.attack,
             "threat": job.observation.threat, "images": int(rec.images.shape[0]),
             "psnr": scores["psnr"], "psnr_max": scores["psnr_max"], "ssim": scores["ssim"],
             "label_accuracy": scores["label_accuracy"], "success_rate": scores["success_rate"],
             "iterations": int(rec.iterations), "stopped": rec.stopped, "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
-            "note": job.note, "reconstruction": str(Path(job.png).name)}
+            "i2f_psnr": i2f_psnr, "note": job.note, "reconstruction": str(Path(job.png).name)}
 
 
 # ----------------------------------------------------------------------------- the observer
@@ -152,11 +175,12 @@ class AuditObserver(RoundObserver):
     """Builds each audited round's attack jobs on the server and runs them in a worker."""
 
     def __init__(self, scenario: Scenario, world: World, grid: Grid, out_dir: str | Path, timeout: float,
-                 ground_truth: bool = True):
+                 ground_truth: bool = True, query_config: Callable[[], dict[str, Any]] | None = None):
         """``ground_truth``: the server process can re-derive clients' data (fedsim's own engines);
         in a deployment it cannot, and the audit saves reconstructions without scores."""
         self.s, self.audit, self.world, self.grid, self.timeout = scenario, scenario.audit, world, grid, timeout
         self.ground_truth = ground_truth
+        self.query_config = query_config or dict  # the defenses' settings now, so the answer is defended
         self.dir = Path(out_dir)
         (self.dir / "audit").mkdir(parents=True, exist_ok=True)
         self.spec = get_strategy(scenario.strategy.name)
@@ -217,14 +241,20 @@ class AuditObserver(RoundObserver):
                                       **self._common())
         attack = self._attack("update", obs, len(schedule))
         x, y = self._truth(pid, None)
+        exact, note = view.exact, view.note
+        defended = [s["name"] for s in client_steps(node.config) if s["name"] != "dp_user"]
+        if defended:  # the replay models plain local SGD, not what the defenses did to the update
+            exact, note = False, "; ".join(filter(None, [note, f"the replay leaves out the defenses {', '.join(defended)}"]))
         return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
-                        view.exact, self._note(view.note), str(self._png(record.server_round, pid)))
+                        exact, self._note(note), str(self._png(record.server_round, pid)),
+                        perturbed=self._perturbed(node.config))
 
     def gradient_job(self, record: RoundRecord, pid: int, node_id: int) -> AuditJob:
         from attacks import Observation
 
         batch = self.audit.batch_size or self.s.train.batch_size
-        config = ConfigRecord({"server-round": record.server_round, "seed": self.s.seed, "audit-batch-size": batch})
+        config = ConfigRecord({**self.query_config(), "server-round": record.server_round, "seed": self.s.seed,
+                               "audit-batch-size": batch})
         msg = Message(RecordDict({"arrays": record.arrays_sent, "config": config}), dst_node_id=node_id,
                       message_type=f"{MessageType.QUERY}.{QUERY_GRADIENT}")
         reply = next(iter(self.grid.send_and_receive([msg], timeout=self.timeout)))
@@ -237,7 +267,8 @@ class AuditObserver(RoundObserver):
         attack = self._attack("gradient", obs, 1)
         x, y = self._truth(pid, lambda n: query_batch(n, batch, self.s.seed, record.server_round, pid))
         return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
-                        True, self._note(""), str(self._png(record.server_round, pid)))
+                        True, self._note(""), str(self._png(record.server_round, pid)),
+                        perturbed=self._perturbed(config))
 
     def _truth(self, pid: int, batch_of) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The target's true samples (all its training data, or the query's batch), for scoring only."""
@@ -248,6 +279,13 @@ class AuditObserver(RoundObserver):
             return x, y
         idx = torch.from_numpy(batch_of(len(y)))
         return x[idx], y[idx]
+
+    def _perturbed(self, config) -> bool:
+        """Whether what the client sent differs from its clean upload: a client-side defense (Flower's
+        client clipping included) or a lossy codec (every codec but ``none``)."""
+        from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+        return bool(client_steps(config)) or KEY_CLIPPING_NORM in config or self.s.upload_codec() != "none"
 
     def _note(self, note: str) -> str:
         if self.ground_truth:
