@@ -1,5 +1,7 @@
 """Command line: ``python -m fedsim SCENARIO.yaml [--set k.p=v ...] [--out DIR]`` runs a
-scenario; ``python -m fedsim validate SCENARIO.yaml`` only checks it.
+scenario; ``python -m fedsim validate SCENARIO.yaml`` only checks it; ``python -m fedsim
+sweep SWEEP.yaml`` runs a grid of scenarios (``fedsim.sweep``) and ``python -m fedsim report
+DIR`` writes a run's or a sweep's HTML page (``fedsim.report``).
 
 Bad input (file, keys, values, data that cannot be loaded) is one line on stderr and exit
 code 2, before any output directory exists.
@@ -65,6 +67,12 @@ def _print_table(summary: dict, out_dir: Path) -> None:
         table.add_row("audit: worst PSNR", f"{summary['audit_worst_psnr']:.1f} dB (round "
                       f"{summary['audit_worst_psnr_round']}, client {summary['audit_worst_psnr_client']}; "
                       f"{summary['audits']} audits)")
+    if summary.get("epsilon") is not None:
+        table.add_row("privacy: epsilon", f"{summary['epsilon']:.3f} (max over clients; delta {summary['delta']:g})")
+    if summary.get("clip_fraction") is not None:
+        table.add_row("DP-SGD: clipped per-sample gradients", f"{summary['clip_fraction']:.1%} (last round)")
+    if summary.get("update_clip_fraction") is not None:
+        table.add_row("clip: clipped updates", f"{summary['update_clip_fraction']:.1%} (last round)")
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     table.add_row("results", str(out_dir))
     Console().print(table)
@@ -73,6 +81,14 @@ def _print_table(summary: dict, out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if argv and argv[0] == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
+    if argv and argv[0] == "report":
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     validate = bool(argv) and argv[0] == "validate"
     args = _parser(validate).parse_args(argv[1:] if validate else argv)
     from .scenario import ScenarioError

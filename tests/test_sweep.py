@@ -1,0 +1,126 @@
+"""`fedsim sweep` and `fedsim report`: a grid of runs, resumable, its CSV, and a page a browser renders."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsim.report import write_report
+from fedsim.sweep import expand, load_sweep, read_csv, run_name, run_sweep, SweepFile
+from tests.conftest import small_raw
+
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def _sweep_file(tmp_path, **sweep):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(small_raw(train__rounds=2)))
+    spec = {"name": "tiny", "base": "base.yaml", "set": {"train.rounds": 2},
+            "grid": {"train.lr": [0.05, 0.2], "seed": [0, 1]}, **sweep}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_and_zip_expand_in_order_and_name_runs_stably():
+    s = SweepFile(name="s", base="b.yaml", grid={"a": [1, 2], "seed": [0, 1]}, zip={"x": [5, 6], "y": ["p", "q"]})
+    runs = expand(s)
+    assert len(runs) == 8
+    assert runs[0] == {"a": 1, "seed": 0, "x": 5, "y": "p"} and runs[1] == {"a": 1, "seed": 0, "x": 6, "y": "q"}
+    assert run_name(runs[0]) == "a=1__seed=0__x=5__y=p"
+    assert run_name({"defense": {"name": "noise", "variance": 0.01}}) == run_name({"defense": {"variance": 0.01, "name": "noise"}})
+
+
+def test_a_sweep_runs_every_setting_and_its_csv_equals_each_runs_summary(tmp_path):
+    sweep, runs = load_sweep(_sweep_file(tmp_path))
+    root = run_sweep(sweep, runs, tmp_path / "out", workers=2, progress=False)
+    rows = read_csv(root)
+    assert [r["run"] for r in rows] == [r.name for r in runs] and len(rows) == 4
+    for row, run in zip(rows, runs):
+        summary = json.loads((root / "runs" / run.name / "summary.json").read_text())
+        assert row["train.lr"] == run.values["train.lr"] and row["seed"] == run.values["seed"]
+        assert summary["scenario"]["train"]["lr"] == run.values["train.lr"] and summary["scenario"]["seed"] == row["seed"]
+        for key in ("accuracy", "best_accuracy", "bytes_up_total", "bytes_down_total", "failures_total", "wall_s"):
+            assert row[key] == summary[key], key
+    assert len({r["accuracy"] for r in rows}) > 1  # the settings really differ
+    assert (root / "report.html").is_file() and (root / "report" / "utility_communication.png").is_file()
+
+    # Interrupted: one run lost its summary (killed mid-run), one is stale (another scenario in its folder).
+    lost, stale = runs[1].name, runs[2].name
+    (root / "runs" / lost / "summary.json").unlink()
+    summary_path = root / "runs" / stale / "summary.json"
+    edited = json.loads(summary_path.read_text())
+    edited["scenario"]["train"]["lr"] = 123.0
+    summary_path.write_text(json.dumps(edited))
+    kept = {r.name: (root / "runs" / r.name / "summary.json").stat().st_mtime_ns for r in runs
+            if r.name not in (lost, stale)}
+    run_sweep(sweep, runs, tmp_path / "out", workers=1, progress=False)
+    for name, mtime in kept.items():
+        assert (root / "runs" / name / "summary.json").stat().st_mtime_ns == mtime  # not redone
+    again = read_csv(root)
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]  # redone runs give the same figures
+    assert json.loads(summary_path.read_text())["scenario"]["train"]["lr"] == runs[2].values["train.lr"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"train.lr": [0.1, -1.0]}}, "sweep run train.lr=-1.0: train.lr"),
+    ({"zip": {"train.lr": [0.1, 0.2], "seed": [0]}}, "zip lists differ in length"),
+    ({"base": "missing.yaml"}, "scenario file not found"),
+    ({"grid": {"strategy.name": ["fedavg", "nope"]}}, "sweep run strategy.name=nope"),
+    ({"colour": "red"}, "colour"),
+])
+def test_a_bad_sweep_is_one_line_exit_2_and_nothing_runs(tmp_path, change, message):
+    path = _sweep_file(tmp_path, **change)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fedsim", "sweep", str(path), "--out", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium here (CI installs it)")
+def test_the_report_renders_in_a_headless_browser_with_every_image(tmp_path):
+    """A run with an audit (reconstruction grids inline) and a sweep: no script error, every image
+    decoded, and a screenshot that is not blank."""
+    from PIL import Image
+
+    from fedsim.engines import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    raw = small_raw(train__rounds=2, model={"name": "lenet", "init": "uniform"}, data__image_size=16,
+                    data__num_clients=40, train__batch_size=4)
+    raw["audit"] = {"threat": "gradient", "batch_size": 1, "clients": [3]}
+    run_scenario(parse_scenario(raw), tmp_path / "run", progress=False)
+    pages = [write_report(tmp_path / "run")]
+    sweep, runs = load_sweep(_sweep_file(tmp_path, grid={"train.lr": [0.05, 0.2]}))
+    pages.append(run_sweep(sweep, runs, tmp_path / "out", workers=1, progress=False) / "report.html")
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    for page in pages:
+        dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        body = dom[dom.index("<body"):].split(">", 1)[0]
+        images = body.split('data-images="')[1].split('"')[0]
+        loaded, total = map(int, images.split("/"))
+        assert total >= 2 and loaded == total, body
+        assert 'data-errors="0"' in body, body
+        shot = tmp_path / f"{page.parent.name}.png"
+        subprocess.run([*browser, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
+                       capture_output=True, timeout=120)
+        pixels = Image.open(shot).convert("L").getextrema()
+        assert pixels[1] - pixels[0] > 100  # text and plots, not a blank page
+    run_page = pages[0].read_text()
+    assert run_page.count("data:image/png;base64,") >= 3 + 2  # plots + a reconstruction per audited round
+    assert "http://" not in run_page and "https://" not in run_page  # nothing fetched from a network
