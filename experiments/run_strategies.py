@@ -2,13 +2,18 @@
 
     python experiments/run_strategies.py [--seeds 0 1 2] [--jobs 2] [--rounds N]
 
+The runs are a sweep (``fedsim.sweep``; the same grid as experiments/sweeps/strategies_noniid.yaml,
+which ``python -m fedsim sweep`` runs alone): a grid over the strategy block and the seed,
+Ray tasks, resumable, its runs.csv and report.html under runs/sweeps/<name>/. This script
+adds the table the sweep does not make (rounds to FedAvg's best).
+
 Scenario: experiments/strategies_noniid.yaml (digits, 20 clients, per-class Dirichlet 0.1,
 half the clients per round). Each method runs with its reference defaults, three seeds
 (the seed changes the split, the initial model, the sampling and local training).
 Writes experiments/results/strategies_noniid.{md,png,json}: mean and std over seeds of
 final and best accuracy, and the rounds each method needs to reach FedAvg's best
 (the mean over seeds of FedAvg's best accuracy). Per-run outputs go to
-runs/strategies_noniid/<method>/seed<k>/. ``--variants`` adds diagnostic FedSpeed runs;
+runs/sweeps/<name>/runs/<run>/. ``--variants`` adds diagnostic FedSpeed runs;
 ``--reference`` adds FedSpeed, FedCE and FedImpro with ``fidelity: reference`` (the official code).
 """
 
@@ -19,56 +24,40 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# The repository first: experiments/ (this script's folder, sys.path[0]) holds folders named like
+# fedsim's packages (experiments/defenses), which would shadow them as namespace packages.
+sys.path.insert(0, str(ROOT))
 SCENARIO = ROOT / "experiments" / "strategies_noniid.yaml"
 RESULTS = ROOT / "experiments" / "results"
 
-METHODS: dict[str, list[str]] = {
-    "FedAvg": ["strategy.name=fedavg"],
-    "FedProx": ["strategy.name=fedprox"],
-    "SCAFFOLD": ["strategy.name=scaffold"],
-    "FedSpeed": ["strategy.name=fedspeed"],
-    "FedCE": ["strategy.name=fedce"],
-    "FedImpro": ["strategy.name=fedimpro"],
+# Each method is a strategy block of the sweep (experiments/sweeps/strategies_noniid.yaml holds the same grid).
+METHODS: dict[str, dict] = {
+    "FedAvg": {"name": "fedavg"},
+    "FedProx": {"name": "fedprox"},
+    "SCAFFOLD": {"name": "scaffold"},
+    "FedSpeed": {"name": "fedspeed"},
+    "FedCE": {"name": "fedce"},
+    "FedImpro": {"name": "fedimpro"},
 }
 # Diagnostics for FedSpeed (why it does or does not beat FedAvg here), not tuned baselines.
-VARIANTS: dict[str, list[str]] = {
-    "FedSpeed, code server correction": ["strategy.name=fedspeed", "strategy.server_correction=all"],
-    "FedSpeed, example weighting": ["strategy.name=fedspeed", "strategy.weighting=examples"],
-    "FedSpeed, lamb 0 (local SAM only)": ["strategy.name=fedspeed", "strategy.lamb=0"],
-    "FedSpeed, rho 0 (prox-correction only)": ["strategy.name=fedspeed", "strategy.rho=0"],
+VARIANTS: dict[str, dict] = {
+    "FedSpeed, code server correction": {"name": "fedspeed", "server_correction": "all"},
+    "FedSpeed, example weighting": {"name": "fedspeed", "weighting": "examples"},
+    "FedSpeed, lamb 0 (local SAM only)": {"name": "fedspeed", "lamb": 0},
+    "FedSpeed, rho 0 (prox-correction only)": {"name": "fedspeed", "rho": 0},
 }
 
 # The official code of each method (strategy hyperparameter ``fidelity: reference``), beside the defaults.
-REFERENCE: dict[str, list[str]] = {
-    "FedSpeed, reference code": ["strategy.name=fedspeed", "strategy.fidelity=reference"],
-    "FedCE, reference code": ["strategy.name=fedce", "strategy.fidelity=reference"],
-    "FedImpro, reference code": ["strategy.name=fedimpro", "strategy.fidelity=reference"],
+REFERENCE: dict[str, dict] = {
+    "FedSpeed, reference code": {"name": "fedspeed", "fidelity": "reference"},
+    "FedCE, reference code": {"name": "fedce", "fidelity": "reference"},
+    "FedImpro, reference code": {"name": "fedimpro", "fidelity": "reference"},
 }
-
-
-def run_one(job: tuple[str, list[str], int, int | None, str]) -> dict:
-    method, overrides, seed, rounds, out = job
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    sys.path.insert(0, str(ROOT))
-    from fedsim.engines import run_scenario
-    from fedsim.results import read_metrics
-    from fedsim.scenario import load_scenario
-
-    sets = [*overrides, f"seed={seed}"] + ([f"train.rounds={rounds}"] if rounds else [])
-    scenario = load_scenario(SCENARIO, sets)
-    start = time.perf_counter()
-    summary = run_scenario(scenario, out, progress=False)
-    rows = read_metrics(out)
-    return {"method": method, "seed": seed, "wall_s": time.perf_counter() - start,
-            "accuracy": [r["accuracy"] for r in rows], "bytes_up": summary["bytes_up_total"],
-            "bytes_down": summary["bytes_down_total"],
-            "acc_spread": [r.get("acc_spread") for r in rows] if "acc_spread" in rows[0] else None}
 
 
 def rounds_to(curve: list[float], target: float) -> int | None:
@@ -146,16 +135,22 @@ def main(argv: list[str] | None = None) -> None:
     methods = dict(METHODS, **(VARIANTS if args.variants else {}), **(REFERENCE if args.reference else {}))
     if args.only:
         keep = {"fedavg", *args.only}
-        methods = {m: o for m, o in methods.items() if o[0].split("=", 1)[1] in keep}
-    jobs = [(m, o, s, args.rounds, str(ROOT / "runs" / args.name / m.replace(" ", "_").replace(",", "")
-                                       / f"seed{s}")) for m, o in methods.items() for s in args.seeds]
+        methods = {m: block for m, block in methods.items() if block["name"] in keep}
+    from fedsim.results import read_metrics
+    from fedsim.sweep import SweepFile, expand_runs, run_sweep
+
+    sweep = SweepFile(name=args.name, base=str(SCENARIO), set={"train.rounds": args.rounds} if args.rounds else {},
+                      grid={"strategy": list(methods.values()), "seed": args.seeds})
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs) as pool:
-        runs = []
-        for r in pool.map(run_one, jobs):
-            runs.append(r)
-            print(f"{r['method']:40s} seed {r['seed']}: final {r['accuracy'][-1]:.4f} best {max(r['accuracy']):.4f} "
-                  f"({r['wall_s']:.0f} s)", flush=True)
+    root = run_sweep(sweep, expand_runs(sweep), ROOT / "runs" / "sweeps", workers=args.jobs)
+    runs = []
+    for run in expand_runs(sweep):
+        method = next(m for m, block in methods.items() if block == run.values["strategy"])
+        folder = root / "runs" / run.name
+        summary = json.loads((folder / "summary.json").read_text())
+        runs.append({"method": method, "seed": run.values["seed"], "wall_s": summary["wall_s"],
+                     "accuracy": [r["accuracy"] for r in read_metrics(folder)],
+                     "bytes_up": summary["bytes_up_total"], "bytes_down": summary["bytes_down_total"]})
     names = list(methods)
     summary = summarise(runs, names)
     import yaml

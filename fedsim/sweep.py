@@ -122,7 +122,15 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[SweepRun]]:
         raise ScenarioError(f"{path}: {where}: {msg}") from None
     except TypeError:
         raise ScenarioError(f"{path}: top level must be a mapping") from None
-    base = (path.parent / sweep.base) if not Path(sweep.base).is_absolute() else Path(sweep.base)
+    try:
+        return sweep, expand_runs(sweep, path.parent)
+    except ScenarioError as exc:
+        raise ScenarioError(f"{path}: {exc}" if str(exc).startswith("two runs") else str(exc)) from None
+
+
+def expand_runs(sweep: SweepFile, folder: str | Path = ".") -> list[SweepRun]:
+    """Every run of ``sweep`` with its validated scenario (``base`` relative to ``folder``)."""
+    base = Path(sweep.base) if Path(sweep.base).is_absolute() else Path(folder) / sweep.base
     base_raw = load_raw(base)
     fixed = [f"{k}={_yaml_text(v)}" for k, v in sweep.set.items()]
     runs, names = [], set()
@@ -131,7 +139,7 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[SweepRun]]:
     for values in expand(sweep):
         name = run_name(values)
         if name in names:
-            raise ScenarioError(f"{path}: two runs would share the folder {name!r}")
+            raise ScenarioError(f"two runs would share the folder {name!r}")
         names.add(name)
         overrides = fixed + [f"{k}={_yaml_text(v)}" for k, v in values.items()]
         try:
@@ -142,7 +150,7 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[SweepRun]]:
         except ScenarioError as exc:
             raise ScenarioError(f"sweep run {name}: {exc}") from None
         runs.append(SweepRun(name, values, scenario))
-    return sweep, runs
+    return runs
 
 
 # ----------------------------------------------------------------------------- running
