@@ -20,3 +20,18 @@ def test_stop_local_ray_ends_every_process_ray_started():
     assert not ray.is_initialized()
     still_running = [p.args[0] if isinstance(p.args, list) else p.args for p in processes if p.poll() is None]
     assert not still_running, still_running
+
+
+def test_a_ray_address_in_the_environment_does_not_decide_where_a_local_run_goes():
+    """RAY_ADDRESS (or a `ray start` cluster file) must not make fedsim join, or fail to join, a
+    cluster: only engine.ray.address / sweep --address join one."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from fedsim.engines.ray import start_local_ray, stop_local_ray\nimport ray\nstart_local_ray(1)\n"
+            "print('cpus', ray.cluster_resources().get('CPU'))\nstop_local_ray()\n")
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cpus 1.0" in proc.stdout

@@ -131,7 +131,9 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     bind_ray_to_loopback()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # accelerator env-var notice
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+        # address="local": a new instance of our own, whatever RAY_ADDRESS or a `ray start`
+        # cluster file says (joining a cluster is only ever asked for by engine.ray.address).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, ignore_reinit_error=True)
 
 
