@@ -32,12 +32,11 @@ import warnings
 from typing import Literal
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
 from pydantic import Field
 
-from ..records import decode, to_record, to_torch
-from .codec import PAYLOAD, DeltaCodec, RatioParams, generator, layer_views, sparse_support
-from .topk import VALUE_DTYPES
+from ..records import decode, to_record
+from .codec import RatioParams, generator, layer_views
+from .topk import VALUE_DTYPES, SparseCodec
 
 STATE = "codec-dgc"
 
@@ -122,7 +121,7 @@ def read_memory(state, d: int) -> tuple[torch.Tensor | None, torch.Tensor | None
                      else None for k in ("u", "v"))
 
 
-class DgcCodec(DeltaCodec):
+class DgcCodec(SparseCodec):
     name = "dgc"
     Params = DgcParams
 
@@ -135,11 +134,3 @@ class DgcCodec(DeltaCodec):
             u[idx] = 0.0
         state[STATE] = to_record({"v": v} if u is None else {"u": u, "v": v})
         return {"indices": idx.to(torch.int32), "values": values}
-
-    def decode_vector(self, payload, sizes, ctx):
-        out = torch.zeros(sum(sizes))
-        out[payload["indices"].long()] = payload["values"].float()
-        return out
-
-    def support(self, content: RecordDict, sent: ArrayRecord):
-        return sparse_support(to_torch(content[PAYLOAD])["indices"], sent)

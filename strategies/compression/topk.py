@@ -50,13 +50,8 @@ def select_topk(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     return torch.sort(torch.topk(mag, k, sorted=False).indices).values
 
 
-class TopKCodec(DeltaCodec):
-    name = "topk"
-    Params = TopKParams
-
-    def encode_vector(self, delta, sizes, state, ctx):
-        idx = select_topk(delta, keep_count(delta.numel(), self.params.ratio), ctx.client_seed())
-        return {"indices": idx.to(torch.int32), "values": delta[idx].to(VALUE_DTYPES[self.params.values])}
+class SparseCodec(DeltaCodec):
+    """A codec whose payload is (int32 indices, values) into the flat update: top-k and DGC."""
 
     def decode_vector(self, payload, sizes, ctx):
         out = torch.zeros(sum(sizes))
@@ -65,3 +60,12 @@ class TopKCodec(DeltaCodec):
 
     def support(self, content: RecordDict, sent: ArrayRecord):
         return sparse_support(to_torch(content[PAYLOAD])["indices"], sent)
+
+
+class TopKCodec(SparseCodec):
+    name = "topk"
+    Params = TopKParams
+
+    def encode_vector(self, delta, sizes, state, ctx):
+        idx = select_topk(delta, keep_count(delta.numel(), self.params.ratio), ctx.client_seed())
+        return {"indices": idx.to(torch.int32), "values": delta[idx].to(VALUE_DTYPES[self.params.values])}
