@@ -157,14 +157,18 @@ def expand_runs(sweep: SweepFile, folder: str | Path = ".") -> list[SweepRun]:
 
 
 def completed(run_dir: Path, scenario: Scenario) -> bool:
-    """Whether ``run_dir`` holds a finished run of exactly this scenario."""
+    """Whether ``run_dir`` holds a finished run of exactly this scenario.
+
+    The stored scenario is validated again first, so a setting added since with its default
+    (a new key that changes nothing the run did) does not make a finished run look stale."""
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return False
     try:
-        return json.loads(summary.read_text()).get("scenario") == scenario.model_dump(mode="json")
-    except (OSError, json.JSONDecodeError):
+        stored = parse_scenario(json.loads(summary.read_text()).get("scenario"))
+    except (OSError, json.JSONDecodeError, ScenarioError, ValueError, TypeError):
         return False
+    return stored.model_dump(mode="json") == scenario.model_dump(mode="json")
 
 
 def _run_task(scenario_yaml: str, run_dir: str) -> dict:

@@ -124,3 +124,21 @@ def test_the_report_renders_in_a_headless_browser_with_every_image(tmp_path):
     run_page = pages[0].read_text()
     assert run_page.count("data:image/png;base64,") >= 3 + 2  # plots + a reconstruction per audited round
     assert "http://" not in run_page and "https://" not in run_page  # nothing fetched from a network
+
+
+def test_a_finished_run_stays_finished_when_a_setting_with_a_default_is_added_later(tmp_path):
+    """Summaries written before a new scenario key existed still match (the stored scenario is
+    validated again); a changed value does not."""
+    from fedsim.scenario import parse_scenario
+    from fedsim.sweep import completed
+
+    scenario = parse_scenario(small_raw())
+    stored = scenario.model_dump(mode="json")
+    del stored["train"]["momentum"]  # as an older fedsim, without that key, would have written it
+    (tmp_path / "summary.json").write_text(json.dumps({"scenario": stored}))
+    assert completed(tmp_path, scenario)
+    stored["train"]["lr"] = 0.123
+    (tmp_path / "summary.json").write_text(json.dumps({"scenario": stored}))
+    assert not completed(tmp_path, scenario)
+    (tmp_path / "summary.json").write_text("{not json")
+    assert not completed(tmp_path, scenario)
