@@ -244,7 +244,7 @@ def _wait_all(pending: dict, total: int, done_before: int, progress: bool) -> di
 # ----------------------------------------------------------------------------- runs.csv
 
 COLUMNS = ["accuracy", "best_accuracy", "bytes_up_total", "bytes_down_total", "epsilon", "audit_worst_psnr",
-           "audit_worst_ssim", "audit_label_accuracy", "audits", "failures_total", "wall_s"]
+           "audit_worst_ssim", "audit_label_accuracy", "audit_i2f_psnr", "audits", "failures_total", "wall_s"]
 
 
 def run_row(run_dir: Path) -> dict[str, Any]:
@@ -263,6 +263,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "audit_worst_ssim": max((r["ssim"] for r in scored if r.get("ssim") is not None), default=None),
         "audit_label_accuracy": max((r["label_accuracy"] for r in scored if r.get("label_accuracy") is not None),
                                     default=None),
+        # I2F's prediction for the worst-PSNR audit (only where a defense or codec perturbed the upload)
+        "audit_i2f_psnr": worst.get("i2f_psnr") if worst else None,
         "audits": len(audit), "failures_total": summary["failures_total"], "wall_s": summary["wall_s"],
     }
 
