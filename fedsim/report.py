@@ -27,6 +27,9 @@ from typing import Any
 
 from .results import atomic_write, read_metrics
 
+MARKERS = ("o", "s", "^", "D")  # with 10 colours: settings beyond 10 stay distinguishable
+LINES = ("-", "--", ":", "-.")
+
 _CHECK = """<script>
 window.__errors = 0;
 window.addEventListener('error', function () { window.__errors += 1; document.body.dataset.errors = window.__errors; });
@@ -183,9 +186,17 @@ def _settings(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, list[dic
     keys = [k for k in rows[0] if k not in ("run", "seed", *COLUMNS)] if rows else []
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        label = ", ".join(f"{k}={r[k]}" for k in keys) or "all runs"
+        label = ", ".join(f"{k}={_compact(r[k])}" for k in keys) or "all runs"
         groups.setdefault(label, []).append(r)
     return keys, groups
+
+
+def _compact(value: Any) -> str:
+    """A swept value as a short label: a block as ``name(key=value, ...)``."""
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}={_compact(v)}" for k, v in value.items() if k != "name")
+        return f"{value['name']}({inner})" if "name" in value else f"({inner})"
+    return str(value)
 
 
 def _sweep_body(root: Path) -> tuple[str, str]:
@@ -217,33 +228,33 @@ def _sweep_body(root: Path) -> tuple[str, str]:
                 (xm, xs), (ym, ys) = s[xkey], s[ykey]
                 if math.isnan(xm) or math.isnan(ym):
                     continue
-                ax.errorbar(xm * xscale, ym, xerr=xs * xscale, yerr=ys, fmt="o", color=f"C{i % 10}",
-                            capsize=3, label=s["setting"])
+                ax.errorbar(xm * xscale, ym, xerr=xs * xscale, yerr=ys, fmt=MARKERS[i // 10 % len(MARKERS)],
+                            color=f"C{i % 10}", capsize=3, label=s["setting"])
             ax.set(xlabel=xlabel, ylabel=ylabel)
-            if len(stats) <= 12:
-                ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         return draw
 
+    wide = (9.0, 3.8)  # room for the legend beside the axes
     plots = [("audit_worst_psnr", "accuracy", "audit worst PSNR (dB)", "final accuracy", "privacy_utility"),
              ("bytes_up_total", "accuracy", "MB uploaded", "final accuracy", "utility_communication"),
              ("epsilon", "audit_worst_psnr", "epsilon", "audit worst PSNR (dB)", "psnr_epsilon")]
     parts.append("<h2>Frontiers</h2>")
     for xkey, ykey, xl, yl, name in plots:
         if any(not math.isnan(s[xkey][0]) and not math.isnan(s[ykey][0]) for s in stats):
-            parts.append(_plot(root, name, frontier(xkey, ykey, xl, yl, 1e-6 if xkey == "bytes_up_total" else 1.0)))
+            parts.append(_plot(root, name, frontier(xkey, ykey, xl, yl, 1e-6 if xkey == "bytes_up_total" else 1.0),
+                               size=wide))
 
     def curves(ax):
         for i, (label, rs) in enumerate(groups.items()):
             per_run = [[m["accuracy"] for m in read_metrics(root / "runs" / r["run"])] for r in rs]
             n = min(len(c) for c in per_run)
             mean = [statistics.fmean(c[k] for c in per_run) for k in range(n)]
-            ax.plot(range(1, n + 1), mean, color=f"C{i % 10}", label=label)
+            ax.plot(range(1, n + 1), mean, color=f"C{i % 10}", ls=LINES[i // 10 % len(LINES)], label=label)
         ax.set(xlabel="round", ylabel="central test accuracy (mean over seeds)")
-        if len(groups) <= 12:
-            ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
 
     if rows:
-        parts.append(_plot(root, "accuracy_curves", curves))
+        parts.append(_plot(root, "accuracy_curves", curves, size=wide))
     parts.append("<h2>Runs</h2>")
     parts.append(_table(["run", *keys, *(["seed"] if rows and "seed" in rows[0] else []), *COLUMNS],
                         [[r["run"], *(r[k] for k in keys), *([r["seed"]] if "seed" in r else []),
