@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean deploy-demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m fedsim experiments/scenarios/quickstart.yaml
+
+# A TLS SuperLink with SuperNode authentication and three SuperNodes on 127.0.0.1 (README "Deploy on real clients").
+deploy-demo: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m fedsim.deploy.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

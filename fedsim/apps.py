@@ -2,7 +2,8 @@
 
 The scenario reaches both through ``Context.run_config``: ``scenario-yaml`` (the resolved
 scenario, set by fedsim's engines) or ``scenario`` (a path, as ``flwr run`` passes it from
-``[tool.flwr.app.config]``). A ClientApp finds its data by ``node_config["partition-id"]``.
+``[tool.flwr.app.config]``). A ClientApp finds its data by ``node_config["partition-id"]``, or in
+its own files at ``node_config["data-path"]`` (``fedsim.deploy.node_data``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,12 @@ def _client_setup(context: Context) -> tuple[World, nn.Module, ClientData]:
     if model is None:  # one model object per process, reloaded every call
         model = _models[id(world)] = world.new_model()
     pid = int(context.node_config["partition-id"])
-    x, y, xv, yv = world.client_tensors(pid)
+    if "data-path" in context.node_config:  # the node's own files (fedsim.deploy.node_data)
+        from .deploy.node_data import local_tensors
+
+        x, y, xv, yv = local_tensors(world, str(context.node_config["data-path"]), pid)
+    else:
+        x, y, xv, yv = world.client_tensors(pid)
     return world, model, ClientData(pid, x, y, xv, yv)
 
 

@@ -1,7 +1,8 @@
 """Command line: ``python -m fedsim SCENARIO.yaml [--set k.p=v ...] [--out DIR]`` runs a
 scenario; ``python -m fedsim validate SCENARIO.yaml`` only checks it; ``python -m fedsim
 sweep SWEEP.yaml`` runs a grid of scenarios (``fedsim.sweep``) and ``python -m fedsim report
-DIR`` writes a run's or a sweep's HTML page (``fedsim.report``).
+DIR`` writes a run's or a sweep's HTML page (``fedsim.report``); ``python -m fedsim deploy
+SCENARIO.yaml --superlink NAME`` runs it on a SuperLink, streaming its logs (``fedsim.deploy.follow``).
 
 Bad input (file, keys, values, data that cannot be loaded) is one line on stderr and exit
 code 2, before any output directory exists.
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv and argv[0] == "deploy":
+        from .deploy.follow import main as deploy_main
+
+        return deploy_main(argv[1:])
     if argv and argv[0] == "report":
         from .report import main as report_main
 

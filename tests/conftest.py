@@ -56,3 +56,7 @@ def local_ray():
     yield
     if started:
         stop_local_ray()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts real Flower processes (minutes); deselect with -m 'not slow'")
