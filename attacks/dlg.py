@@ -8,6 +8,9 @@
   label comes analytically from the last layer's gradient (``attacks.label_recovery``),
   then only the image is optimised.
 
+With an observation's ``support`` (a sparsified gradient: the coordinates that travelled) the
+squared L2 runs over those coordinates only.
+
 What differs from the reference loop, and why (each is a constructor argument):
 - restarts: L-BFGS diverges (NaN or a loss explosion) or stalls on some seeds; both are
   detected from the matching loss alone (never from ground truth) and the run restarts
@@ -34,7 +37,7 @@ import torch
 
 from .base import Attack, Reconstruction, register
 from .label_recovery import batch_labels
-from .objective import batch_gradients, leaf_parameters, squared_l2
+from .objective import batch_gradients, leaf_parameters, observed_target, project, squared_l2
 from .observation import Observation
 from .stopping import ConvergenceStop, check_stop
 
@@ -81,7 +84,7 @@ class DLGAttack(Attack):
     def _run(self, obs: Observation, gen: torch.Generator) -> Reconstruction:
         import time
 
-        model, target = obs.model, obs.gradients
+        model, target = obs.model, observed_target(obs)
         params = leaf_parameters(model)
         fixed = self._labels(obs)
         shape = (obs.batch_size, *obs.input_shape)
@@ -102,7 +105,7 @@ class DLGAttack(Attack):
             def closure():
                 labels = fixed if fixed is not None else torch.softmax(y, dim=-1)
                 grads = batch_gradients(model, params, x, labels)
-                loss = squared_l2(grads, target)
+                loss = squared_l2(project(obs, grads), target)
                 for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves)):
                     leaf.grad = g
                 return loss.detach()

@@ -25,7 +25,11 @@ the attack's priors decide there, not the perturbation).
 
 The auditor knows x0 (it re-derives the client's batch to score), so it can compute the
 clean upload s(x0) and delta = observed - s(x0); for an exact replay (FedAvg) delta is
-exactly what the defense added.
+exactly what the defense added. With an observation's ``support`` (top-k, DGC) s and the
+upload keep only the coordinates that travelled, the attack's own objective: A is the
+Jacobian of the sent coordinates, and the perturbation is what the codec did to those
+(clipping, residuals from earlier rounds), not the zeros of the unsent ones; with a ``wire``
+(a sketch) s is the sketched upload and the perturbation the sketch's noise.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import math
 
 import torch
 
-from .objective import batch_gradients, leaf_parameters, local_sgd_update
+from .objective import batch_gradients, leaf_parameters, local_sgd_update, observed_target, project
 from .observation import Observation
 
 MAX_INPUTS = 4096
@@ -47,10 +51,10 @@ def upload_function(obs: Observation, labels: torch.Tensor) -> Callable[[torch.T
     """x -> what the client would upload for inputs x (the attacks' own replay, differentiable)."""
     params = leaf_parameters(obs.model)
     if obs.threat == "gradient":
-        return lambda x: batch_gradients(obs.model, params, x, labels)
-    return lambda x: local_sgd_update(obs.model, params, x, labels, lr=obs.lr, steps=obs.local_steps,
-                                      batch_size=obs.local_batch_size, schedule=obs.schedule,
-                                      momentum=obs.momentum, weight_decay=obs.weight_decay)
+        return lambda x: project(obs, batch_gradients(obs.model, params, x, labels))
+    return lambda x: project(obs, local_sgd_update(obs.model, params, x, labels, lr=obs.lr, steps=obs.local_steps,
+                                                   batch_size=obs.local_batch_size, schedule=obs.schedule,
+                                                   momentum=obs.momentum, weight_decay=obs.weight_decay))
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -83,13 +87,14 @@ def reconstruction_shift(obs: Observation, x0: torch.Tensor, labels: torch.Tenso
                          observed: Sequence[torch.Tensor] | None = None, *, rcond: float = RCOND) -> torch.Tensor:
     """I2F: the predicted move of the reconstruction away from ``x0`` (shape of ``x0``).
 
-    ``observed``: the upload as it travelled (default: the observation's own); the
-    perturbation is ``observed`` minus the clean upload recomputed at ``x0``."""
+    ``observed``: the upload as it travelled (default: the observation's own; dense, the
+    observation's support picks its coordinates); the perturbation is ``observed`` minus the
+    clean upload recomputed at ``x0``."""
     if x0.numel() > MAX_INPUTS:
         raise ValueError(f"I2F is computed exactly for at most {MAX_INPUTS} input values, got {x0.numel()}")
     upload = upload_function(obs, labels)
     normal, clean, vjp = normal_matrix(upload, x0)
-    delta = _flat(observed if observed is not None else obs.upload()) - clean
+    delta = _flat(project(obs, observed) if observed is not None else observed_target(obs)) - clean
     rhs = vjp(delta).to(torch.float64)
     evals, evecs = torch.linalg.eigh(normal)
     keep = evals > rcond * evals.max().clamp_min(1e-300)

@@ -22,6 +22,10 @@ to the next rate at a plateau, so that phases end when they stall and the stop c
 most of the budget (measured, seeds 0-4: wall time 0.34-0.69x that of the fixed budget, PSNR
 -1.3..+1.4 dB per seed, mean -0.2..+0.2 dB per config, on the IG, DIA and SME configs).
 
+With an observation's ``support`` (a top-k or DGC upload: the coordinates that travelled) the
+cosine is taken over those coordinates only; with a ``wire`` (a sketch) the simulated upload is
+sketched and compared with the sketch that travelled (``attacks.objective.project``).
+
 For a multi-step update (the paper's Sec. 5, "federated averaging"), the client's local
 SGD steps are unrolled differentiably (``attacks.objective.local_sgd_update``) and the
 simulated weight update is matched to the observed one. The replay uses the
@@ -39,8 +43,8 @@ import torch
 from .base import Attack, Reconstruction, register
 from .label_assignment import assign_labels, needs_assignment
 from .label_recovery import batch_labels
-from .objective import (batch_gradients, cosine_distance, leaf_parameters, local_sgd_update,
-                        total_variation)
+from .objective import (batch_gradients, cosine_distance, leaf_parameters, local_sgd_update, observed_target,
+                        project, total_variation)
 from .observation import Observation
 from .schedule import StepDecay
 from .stopping import ConvergenceStop, check_stop
@@ -144,10 +148,10 @@ class InvertingGradientsAttack(Attack):
 
     def _objective(self, obs, params, x, labels, masks, target):
         sim = self._simulate(obs, params, x, labels, masks)
-        return cosine_distance(sim, target) + self.tv * total_variation(x) + self._penalty(obs, masks)
+        return cosine_distance(project(obs, sim), target) + self.tv * total_variation(x) + self._penalty(obs, masks)
 
     def _target(self, obs: Observation) -> list[torch.Tensor]:
-        return obs.upload()
+        return observed_target(obs)
 
     def _extra_leaves(self, obs: Observation, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return {}

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .objective import cosine_distance, leaf_parameters, local_sgd_update, total_variation
+from .objective import cosine_distance, leaf_parameters, local_sgd_update, observed_target, project, total_variation
 from .observation import Observation
 
 SINKHORN_ITERATIONS = 20
@@ -80,7 +80,7 @@ def assign_labels(obs: Observation, labels: torch.Tensor, *, iterations: int = 2
         return labels.clone()
     class_counts = counts[classes].to(torch.float32)
     params = leaf_parameters(obs.model)
-    target = obs.upload()
+    target = observed_target(obs)
     lo, hi = obs.data_range
     x = (lo + (hi - lo) * torch.rand((obs.batch_size, *obs.input_shape), generator=gen)).requires_grad_(True)
     logits = (0.01 * torch.randn((obs.batch_size, len(classes)), generator=gen)).requires_grad_(True)
@@ -90,7 +90,7 @@ def assign_labels(obs: Observation, labels: torch.Tensor, *, iterations: int = 2
         sim = local_sgd_update(obs.model, params, x, soft, lr=obs.lr, steps=obs.local_steps,
                                batch_size=obs.local_batch_size, schedule=obs.schedule,
                                momentum=obs.momentum, weight_decay=obs.weight_decay)
-        loss = cosine_distance(sim, target) + tv * total_variation(x)
+        loss = cosine_distance(project(obs, sim), target) + tv * total_variation(x)
         g_x, g_logits = torch.autograd.grad(loss, [x, logits])
         x.grad, logits.grad = g_x.sign(), g_logits
         opt.step()

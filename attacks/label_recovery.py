@@ -29,6 +29,21 @@ weights): an average over the trajectory, exact for one step. S = T for plain SG
 momentum m, step t's direction is applied again in every later step (weights
 1, m, m^2, ...), so S = sum over the T steps of (1 - m^(T-t)) / (1 - m).
 Which batches the steps saw (the schedule) does not enter: only the average is used.
+
+Under a ``support`` (a top-k or DGC upload: only some coordinates travelled) every rule reads
+an unsent entry as 0, which is the middle of what the server knows of it (for top-k its
+magnitude is below the smallest value sent). What that does, rule by rule:
+- iDLG's argmin of row sums stays sound: with non-negative features every entry of row k has
+  the sign of p_k - y_k, so the sent entries of the true class's row sum to <= 0 and every
+  other row's to >= 0; it only needs one entry of the true row sent (that row has the largest
+  magnitudes, 1 - p_y against p_k, so top-k sends it first);
+- ``bias``: a class is marked present only on evidence: its bias entry was sent and is
+  negative, or (only under a support) its bias entry was not sent and a sent entry of its
+  weight row is negative (no sample of class k makes every entry of row k >= 0: p >= 0,
+  h >= 0); the count estimate B (p_bar_k - g_k) takes g_k = 0 for an unsent bias entry,
+  i.e. B p_bar_k, the probes' share;
+- the LLG variants and the bias-free fallback sum weight rows over the sent entries only,
+  which biases their impact estimates towards 0 by the unsent share; not corrected here.
 """
 
 from __future__ import annotations
@@ -57,16 +72,19 @@ def _gradient(obs: Observation, index: int) -> torch.Tensor:
     return g
 
 
-def _last_layer_gradient(obs: Observation) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _last_layer_indices(obs: Observation) -> tuple[int, int | None]:
+    """Parameter indices of the classifier's weight and bias (None without a bias)."""
     _, linear, w_idx = obs.last_linear()
-    g_w = _gradient(obs, w_idx)
-    g_b = None
-    if linear.bias is not None:
-        names = [n for n, _ in obs.model.named_parameters()]
-        weight_name = names[w_idx]
-        bias_name = weight_name[: -len("weight")] + "bias"
-        g_b = _gradient(obs, names.index(bias_name))
-    return g_w, g_b
+    if linear.bias is None:
+        return w_idx, None
+    names = [n for n, _ in obs.model.named_parameters()]
+    bias_name = names[w_idx][: -len("weight")] + "bias"
+    return w_idx, names.index(bias_name)
+
+
+def _last_layer_gradient(obs: Observation) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w_idx, b_idx = _last_layer_indices(obs)
+    return _gradient(obs, w_idx), None if b_idx is None else _gradient(obs, b_idx)
 
 
 def idlg_label(obs: Observation) -> torch.Tensor:
@@ -100,11 +118,27 @@ def bias_label_counts(obs: Observation, *, probes: int = 64, seed: int = 0) -> t
     estimate = batch * (p_bar - g_b)
     counts = torch.zeros(obs.num_classes, dtype=torch.int64)
     present = torch.nonzero(g_b < 0).flatten()
-    present = present[torch.argsort(g_b[present])][:batch]  # most negative first
+    present = present[torch.argsort(g_b[present])]  # most negative first
+    unsent = _unsent_bias_but_negative_row(obs, g_w)
+    if unsent is not None:  # after the bias evidence, most negative row entry first
+        present = torch.cat([present, unsent])
+    present = present[:batch]
     counts[present] = 1
     for _ in range(batch - int(counts.sum())):
         counts[torch.argmax(estimate - counts.to(estimate.dtype))] += 1
     return counts
+
+
+def _unsent_bias_but_negative_row(obs: Observation, g_w: torch.Tensor) -> torch.Tensor | None:
+    """Under a support: classes whose bias entry did not travel but whose weight row has a sent
+    negative entry (module docstring), most negative first; None without a support or a bias."""
+    w_idx, b_idx = _last_layer_indices(obs)
+    if obs.support is None or b_idx is None:
+        return None
+    w_sent, b_sent = obs.support[w_idx], obs.support[b_idx]
+    row_min = torch.where(w_sent, g_w, torch.zeros_like(g_w)).min(dim=1).values
+    found = torch.nonzero(~b_sent & (row_min < 0)).flatten()
+    return found[torch.argsort(row_min[found])]
 
 
 def batch_label_counts(obs: Observation, *, method: str = "bias", **options) -> torch.Tensor:

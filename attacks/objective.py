@@ -7,7 +7,12 @@ SGD update (the unrolled attack of Geiping et al., NeurIPS 2020, Sec. 5) with
 ``torch.func.functional_call``, so that the result stays differentiable with respect
 to the candidates and the parameters can be any point (SME's surrogate, Zhu et al.,
 ICML 2023). Losses: squared L2 (DLG), one global cosine over all layers plus total
-variation (Inverting Gradients).
+variation (Inverting Gradients). Both take an optional ``support`` (the observation's: per
+parameter, the bool mask of the coordinates that travelled): only those coordinates enter
+the loss, norms included, so a top-k upload's unsent coordinates (decoded as 0, though the
+client's update was not 0 there) are not matched. The attacks go through ``project`` and
+``observed_target``, which also map an upload to a sketch's space when the observation has a
+``wire`` (the server knows the sketch S, so it compares S u(x') with the y that travelled).
 
 Dropout is modelled by substitution (Scheliga et al., AAAI 2023): the model runs in
 eval mode, and a forward hook on each ``nn.Dropout`` multiplies its input by a given
@@ -154,12 +159,42 @@ def leaf_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
 
 
-def squared_l2(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+def restrict(tensors: Sequence[torch.Tensor], support: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Each tensor's coordinates inside its support (a flat tensor per parameter; differentiable);
+    the tensors themselves when ``support`` is None."""
+    if support is None:
+        return list(tensors)
+    return [t[m] for t, m in zip(tensors, support)]
+
+
+def project(obs, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """An upload (simulated or observed, one tensor per parameter) as the attack compares it: mapped to
+    the wire's space (``obs.wire_map``, a sketch), or restricted to ``obs.support``, or as it is."""
+    if getattr(obs, "wire_map", None) is not None:
+        return [obs.wire_map(torch.cat([t.reshape(-1) for t in tensors]))]
+    return restrict(tensors, obs.support)
+
+
+def observed_target(obs) -> list[torch.Tensor]:
+    """What the attack matches ``project(obs, simulated)`` against: the wire itself when the observation
+    has one, else the upload restricted to its support."""
+    if getattr(obs, "wire", None) is not None:
+        return [obs.wire]
+    return restrict(obs.upload(), obs.support)
+
+
+def squared_l2(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
+               support: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Summed squared L2 distance, over the ``support``'s coordinates only when one is given."""
+    a, b = restrict(a, support), restrict(b, support)
     return sum(((x - y) ** 2).sum() for x, y in zip(a, b))
 
 
-def cosine_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """1 - cos over all layers at once (Inverting Gradients' global cosine)."""
+def cosine_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
+                    support: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """1 - cos over all layers at once (Inverting Gradients' global cosine), over the ``support``'s
+    coordinates only when one is given."""
+    a, b = restrict(a, support), restrict(b, support)
     dot = sum((x * y).sum() for x, y in zip(a, b))
     na = sum(x.pow(2).sum() for x in a).sqrt()
     nb = sum(y.pow(2).sum() for y in b).sqrt()

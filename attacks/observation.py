@@ -27,7 +27,18 @@ Conventions:
   ``num_samples`` with ``b = local_batch_size`` (the default that predates schedules);
   replaying an epoch-shuffling client that way put the simulated update 5-74%
   (relative L2) off its upload (digits LeNet clients of 4-10 samples, 2-3 epochs; 57-70%
-  with momentum 0.9 left out), so pass what the server knows.
+  with momentum 0.9 left out), so pass what the server knows;
+- ``support`` (optional): one bool tensor per parameter, the coordinates of the upload that
+  travelled (a top-k or DGC reply carries only those; the rest decode to 0 without being
+  zero in the client's update). Every matching loss then compares the simulated and the
+  observed upload on those coordinates only (``attacks.objective.project``), and so does
+  I2F; label recovery reads unsent entries as 0 (``attacks.label_recovery``). None: every
+  coordinate travelled (dense, sign, TernGrad, sketches);
+- ``wire`` and ``wire_map`` (optional, together): what travelled when it is a known linear
+  map of the upload (a sketch ``y = S u`` with S from a seed the server shares): ``wire_map``
+  takes the flattened upload (parameters in order) to the wire's space, differentiably, and
+  the matching losses compare ``wire_map(simulated)`` with ``wire`` instead of the decoded
+  upload (which stays in ``gradients``/``update`` for label recovery and SME's surrogate).
 
 Depends on torch only.
 """
@@ -57,6 +68,19 @@ def _as_list(values, names: list[str], what: str) -> list[torch.Tensor]:
     return values
 
 
+def _as_masks(values, names: list[str]) -> list[torch.Tensor]:
+    """Per parameter, a bool tensor (a dict by name may hold other entries: BatchNorm's buffers)."""
+    if isinstance(values, Mapping):
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"support is missing parameters: {', '.join(missing[:5])}")
+        values = [values[n] for n in names]
+    masks = [torch.as_tensor(v).detach().clone() for v in values]  # dtype kept: validate() wants bool
+    if len(masks) != len(names):
+        raise ValueError(f"support has {len(masks)} masks, the model has {len(names)} parameters")
+    return masks
+
+
 @dataclass
 class Observation:
     """What the server sees of one client for one round.
@@ -83,6 +107,9 @@ class Observation:
     schedule: list[torch.Tensor] | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
+    support: list[torch.Tensor] | None = None
+    wire: torch.Tensor | None = None
+    wire_map: object | None = None  # callable: flat upload -> wire space (linear, differentiable, picklable)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -106,11 +133,12 @@ class Observation:
         state_dict: Mapping[str, torch.Tensor] | None = None,
         labels: Sequence[int] | torch.Tensor | None = None,
         dropout: float = 0.0,
+        support: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
         **meta,
     ) -> "Observation":
         """A single-batch gradient at the model's (or ``state_dict``'s) parameters."""
         return cls._build(model, state_dict, input_shape, num_classes, batch_size, labels, dropout, meta,
-                          "gradients", gradients)
+                          "gradients", gradients, support=support)
 
     @classmethod
     def from_update(
@@ -130,6 +158,9 @@ class Observation:
         schedule: Sequence[Sequence[int] | torch.Tensor] | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        support: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+        wire: torch.Tensor | None = None,
+        wire_map=None,
         **meta,
     ) -> "Observation":
         """A multi-step weight delta ``w_after - w_sent`` with the local SGD settings.
@@ -137,6 +168,7 @@ class Observation:
         ``schedule`` (one index batch per step), ``momentum`` and ``weight_decay``
         describe the client's training exactly when the server knows them (module
         docstring). With a schedule, ``local_batch_size`` defaults to its largest batch.
+        ``support``: the coordinates that travelled, per parameter (module docstring).
         """
         if schedule is not None:
             # no dtype cast here: validate() rejects float indices rather than truncating them
@@ -145,16 +177,20 @@ class Observation:
         return cls._build(model, state_dict, input_shape, num_classes, num_samples, labels, dropout, meta,
                           "update", update, lr=float(lr), local_steps=int(local_steps),
                           local_batch_size=int(local_batch_size or num_samples), num_samples=int(num_samples),
-                          schedule=schedule, momentum=float(momentum), weight_decay=float(weight_decay))
+                          schedule=schedule, momentum=float(momentum), weight_decay=float(weight_decay),
+                          support=support, wire=None if wire is None else torch.as_tensor(wire).detach().clone(),
+                          wire_map=wire_map)
 
     @classmethod
     def _build(cls, model, state_dict, input_shape, num_classes, batch_size, labels, dropout, meta,
-               observed: str, tensors, **fields) -> "Observation":
+               observed: str, tensors, support=None, **fields) -> "Observation":
         """Shared by the builders: ``observed`` names the field ("gradients" or "update") that
         ``tensors`` fills, matched to the model's parameters."""
         model = cls._prepare(model, state_dict)
         names = [n for n, _ in model.named_parameters()]
         fields[observed] = _as_list(tensors, names, observed)
+        if support is not None:
+            fields["support"] = _as_masks(support, names)
         obs = cls(model=model, input_shape=tuple(int(s) for s in input_shape),
                   num_classes=int(num_classes), batch_size=int(batch_size),
                   labels=None if labels is None else torch.as_tensor(labels, dtype=torch.int64),
@@ -177,6 +213,12 @@ class Observation:
 
     def upload(self) -> list[torch.Tensor]:
         return self.gradients if self.gradients is not None else self.update
+
+    def support_fraction(self) -> float | None:
+        """The fraction of the upload's coordinates that travelled (None: all of them)."""
+        if self.support is None:
+            return None
+        return sum(int(m.sum()) for m in self.support) / sum(m.numel() for m in self.support)
 
     def last_linear(self) -> tuple[str, nn.Linear, int]:
         """(name, module, index of its weight in the parameter list) of the classifier."""
@@ -215,6 +257,31 @@ class Observation:
                 raise ValueError(f"upload for {name} has shape {tuple(obs_t.shape)}, expected {tuple(p.shape)}")
         if self.labels is not None and self.labels.numel() != self.batch_size:
             raise ValueError("labels must have one entry per sample")
+        if self.support is not None:
+            self._validate_support()
+        if (self.wire is None) != (self.wire_map is None):
+            raise ValueError("wire and wire_map go together")
+        if self.wire is not None:
+            if self.support is not None:
+                raise ValueError("an observation matches either a support or a wire, not both")
+            d = sum(t.numel() for t in self.upload())
+            mapped = self.wire_map(torch.zeros(d))
+            if self.wire.dim() != 1 or mapped.shape != self.wire.shape:
+                raise ValueError(f"wire must be 1-D with wire_map's output shape {tuple(mapped.shape)}, "
+                                 f"got {tuple(self.wire.shape)}")
+
+    def _validate_support(self) -> None:
+        names = [n for n, _ in self.model.named_parameters()]
+        if len(self.support) != len(names):
+            raise ValueError(f"support has {len(self.support)} masks, the model has {len(names)} parameters")
+        for mask, name, obs_t in zip(self.support, names, self.upload()):
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool:
+                raise ValueError(f"support for {name} must be a bool mask, got {mask.dtype}")
+            if mask.shape != obs_t.shape:
+                raise ValueError(f"support for {name} has shape {tuple(mask.shape)}, expected {tuple(obs_t.shape)}")
+        if not any(bool(torch.as_tensor(m).any()) for m in self.support):
+            raise ValueError("support marks no coordinate: nothing travelled to match")
 
     def _validate_schedule(self) -> None:
         if len(self.schedule) != self.local_steps:

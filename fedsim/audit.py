@@ -8,6 +8,24 @@ client state and no random stream of training). What each strategy's upload mean
 attacker comes from the strategy (``StrategySpec.observe``); where plain local SGD does not
 reproduce it, the row says so (``exact_replay``, ``note``).
 
+Through an upload codec (issue 11) the attacker reads the upload as the server does:
+- top-k, DGC: the reply carries some coordinates only (``RoundRecord.support``); the attack
+  matches those only (``Observation.support``; the row's ``support`` is their fraction), not
+  the zeros the unsent ones decode to (``audit.support: false`` restores that, for comparison).
+  DGC's values are the client's accumulated residual, so earlier rounds' updates are in them;
+- sketch (with or without noise): the server holds the round's shared seed, so it knows S.
+  The decoded upload is already the de-sketch S^T y (``SketchCodec.decode_vector``), a dense
+  but noisy estimate of the update (S^T S is not the identity); by default the attack matches
+  in sketch space instead, the simulated update sketched, S u(x'), against the y that
+  travelled (``Observation.wire``, ``SketchMap``), where the true batch is an exact solution
+  without noise; ``audit.sketch_space: false`` matches the de-sketch;
+- sign, TernGrad: the decoded values (per-layer scale times sign / ternary code);
+- EF21: ``sent + g_i``, the server's running estimate of the client's update (every round's
+  compressed corrections so far), not this round's update;
+- countsketch (FetchSGD): every reply decodes to the round's aggregate ``sent + Delta``, so
+  the attack sees the aggregate of all the round's clients, not one client's update
+  (``exact_replay`` is false).
+
 Ground truth never travels: the auditor re-derives the target's true batch from the seeded
 sampler and the client's partition, off the training path, only to score the
 reconstruction. Attacks run off the training path while training goes on (a process of
@@ -120,6 +138,32 @@ def auto_attack(threat: str, dropout: float, batch_size: int, local_steps: int) 
     return "ig" if local_steps <= 8 else "sme"
 
 
+class SketchMap:
+    """The round's sparse JL sketch S as a differentiable map of the flat upload (``SparseJL.apply`` without its
+    in-place chunks, so that autograd goes through it); picklable (it travels to the attack's worker)."""
+
+    def __init__(self, seed: int, d: int, m: int, blocks: int):
+        from strategies.compression.sketch import SparseJL
+
+        jl = SparseJL(seed, d, m, blocks)
+        self.seed, self.d, self.width, self.blocks, self.scale = jl.seed, d, jl.width, jl.blocks, jl.scale
+        self._codes = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_codes": None}  # redrawn from the seed in the worker
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        from strategies.compression.hashing import signed_hashes
+
+        if self._codes is None:
+            self._codes = signed_hashes(self.seed, self.d, self.width, self.blocks)
+        rows = []
+        for codes in self._codes:
+            both = flat.new_zeros(2 * self.width).index_add(0, codes, flat)
+            rows.append(both[0::2] - both[1::2])
+        return torch.cat(rows) * self.scale
+
+
 # ----------------------------------------------------------------------------- jobs (run in the worker)
 
 
@@ -165,7 +209,8 @@ def run_job(job: AuditJob) -> dict[str, Any]:
             "psnr": scores["psnr"], "psnr_max": scores["psnr_max"], "ssim": scores["ssim"],
             "label_accuracy": scores["label_accuracy"], "success_rate": scores["success_rate"],
             "iterations": int(rec.iterations), "stopped": rec.stopped, "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
-            "i2f_psnr": i2f_psnr, "note": job.note, "reconstruction": str(Path(job.png).name)}
+            "i2f_psnr": i2f_psnr, "support": job.observation.support_fraction(), "note": job.note,
+            "reconstruction": str(Path(job.png).name)}
 
 
 # ----------------------------------------------------------------------------- the observer
@@ -234,14 +279,23 @@ class AuditObserver(RoundObserver):
         schedule = EpochShuffleSampler().schedule(n, settings)  # the server knows n and the seed
         model = self._model(record)
         names = [name for name, _ in model.named_parameters()]
+        wire, wire_map = self._sketch_wire(record, node, model) if self.audit.sketch_space else (None, None)
+        support = record.support(node) if self.audit.support else None
+        if support is not None and not any(support[k].any() for k in names):
+            support = None  # only buffers (BatchNorm's statistics) travelled: nothing of the parameters to match
         obs = Observation.from_update(model, {k: torch.from_numpy(view.update[k]).float() for k in names},
                                       lr=settings.lr, local_steps=len(schedule), num_samples=n,
                                       local_batch_size=max(len(b) for b in schedule), schedule=schedule,
                                       momentum=settings.momentum, weight_decay=settings.weight_decay,
-                                      **self._common())
+                                      support=None if support is None else
+                                      {k: torch.from_numpy(support[k]) for k in names},
+                                      wire=wire, wire_map=wire_map, **self._common())
         attack = self._attack("update", obs, len(schedule))
         x, y = self._truth(pid, None)
         exact, note = view.exact, view.note
+        codec_exact, codec_note = self._codec_view(obs)
+        exact = exact and codec_exact
+        note = "; ".join(filter(None, [note, codec_note]))
         defended = [s["name"] for s in client_steps(node.config) if s["name"] != "dp_user"]
         if defended:  # the replay models plain local SGD, not what the defenses did to the update
             exact, note = False, "; ".join(filter(None, [note, f"the replay leaves out the defenses {', '.join(defended)}"]))
@@ -279,6 +333,54 @@ class AuditObserver(RoundObserver):
             return x, y
         idx = torch.from_numpy(batch_of(len(y)))
         return x[idx], y[idx]
+
+    def _codec_view(self, obs) -> tuple[bool, str]:
+        """(whether one client's update is what the attack sees, what the attack matched) for the update
+        threat through the upload codec (module docstring)."""
+        codec = self.s.upload_codec()
+        if codec == "none":
+            return True, ""
+        fraction = obs.support_fraction()
+        if codec in ("topk", "dgc"):
+            if fraction is None:
+                why = "audit.support: false" if not self.audit.support else "no parameter coordinate travelled"
+                return True, f"{codec}: the decoded upload, unsent coordinates matched as 0 ({why})"
+            extra = " (DGC: the client's accumulated residual)" if codec == "dgc" else ""
+            return True, f"{codec}: only the {100 * fraction:.3g}% of coordinates the reply carried are matched{extra}"
+        if codec == "sketch":
+            noisy = " and noise" if self.s.upload_params().noise is not None else ""
+            if obs.wire is not None:
+                return True, f"sketch{noisy}: matched in sketch space, S u(x') against the y that travelled (S from " \
+                             "the round's shared seed)"
+            return True, f"sketch{noisy}: the de-sketch S^T y with the round's shared seed"
+        if codec in ("sign", "terngrad"):
+            return True, f"{codec}: the decoded values"
+        if codec == "ef21":
+            return True, "ef21: the server's estimate sent + g_i of the client's update"
+        if codec == "countsketch":
+            return False, "countsketch: every reply decodes to the round's aggregate: the attack sees the aggregate, " \
+                          "not one client's update"
+        return True, f"{codec}: the decoded upload"
+
+    def _sketch_wire(self, record: RoundRecord, node: NodeRound, model: nn.Module):
+        """(y, S) of a sketched reply: the sketch that travelled and the round's sketch, rebuilt from the shared
+        seed as the server's decoder does; (None, None) for other codecs, or when the float entries the codec
+        flattened are not exactly the model's parameters (BatchNorm's buffers)."""
+        if self.s.upload_codec() != "sketch" or node.wire is None:
+            return None, None
+        from strategies.compression import CodecContext
+        from strategies.compression.codec import PAYLOAD, float_keys
+        from strategies.compression.sketch import ROUND_STREAM, sketch_size
+
+        sent = to_torch(record.arrays_sent)
+        keys = float_keys(sent)
+        if keys != [name for name, _ in model.named_parameters()]:
+            return None, None
+        d = sum(sent[k].numel() for k in keys)
+        p = self.s.upload_params()
+        ctx = CodecContext(seed=int(node.config.get("codec-seed", 0)), server_round=record.server_round)
+        sketch_map = SketchMap(ctx.round_seed(ROUND_STREAM), d, sketch_size(d, p.ratio), p.blocks)
+        return to_torch(node.wire[PAYLOAD])["sketch"].float(), sketch_map
 
     def _perturbed(self, config) -> bool:
         """Whether what the client sent differs from its clean upload: a client-side defense (Flower's

@@ -124,6 +124,10 @@ class AuditConfig(_Strict):
         "update", description="update: what the client uploaded; gradient: one batch gradient on request")
     batch_size: int | None = Field(None, ge=1, description="gradient threat's batch (default train.batch_size)")
     seed: int = Field(0, ge=0, description="the attack's own seed")
+    support: bool = Field(True, description="update threat through a sparsifying codec (topk, dgc): match only "
+                          "the coordinates the reply carried; false: the decoded upload, unsent ones as 0")
+    sketch_space: bool = Field(True, description="update threat through a sketch: match the sketched simulated update "
+                               "against the sketch that travelled (the server knows S); false: the de-sketch S^T y")
 
     @field_validator("clients")
     @classmethod
