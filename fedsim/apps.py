@@ -29,8 +29,8 @@ from strategies.records import to_record, to_torch
 
 from .audit import QUERY_GRADIENT, AuditObserver, answer_gradient_query
 from .metered import MeteredGrid
-from .observers import (CentralEvaluation, CodecReport, DefenseReport, ProgressObserver, ResultsObserver, RoundTiming,
-                        StrategyReport, evaluate)
+from .observers import (CentralEvaluation, CodecReport, DefenseReport, FailureWatch, ProgressObserver, ResultsObserver,
+                        RoundTiming, StrategyReport, evaluate)
 from .progress import RoundProgress
 from .results import ResultsWriter
 from .rounds import run_rounds
@@ -183,10 +183,11 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
                            query_config=query_config)
              if scenario.audit != "none" else None)
 
+    failures = FailureWatch()
     with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
         observers = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
                      *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
-                     *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar)]
+                     *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar), failures]
         try:
             run_rounds(running, metered, codec, to_record(model.state_dict()),
                        scenario.train.rounds, scenario.engine.timeout_s, observers, ConfigRecord(train_config))
@@ -205,6 +206,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         "bytes_up_total": sum(r["bytes_up"] for r in rows),
         "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "failures_total": sum(r["failures"] for r in rows),
+        "failure_reasons": failures.reasons,  # distinct reason -> how many client-rounds it failed
         "wall_s": time.perf_counter() - start,
         "engine": scenario.engine.name,
         "scenario": scenario.model_dump(mode="json"),

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .engines import run_scenario
+    from .observers import AllClientsFailed
 
     out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
     try:
@@ -119,5 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fedsim: interrupted; rounds completed so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
         return 130
+    except AllClientsFailed as exc:
+        print(f"fedsim: error: {exc}; rounds so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
+        return 1
     _print_table(summary, out_dir)
     return 0

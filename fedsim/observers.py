@@ -6,8 +6,9 @@ metrics.jsonl line); the results writer then writes the row and the progress bar
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from flwr.app import ArrayRecord
@@ -125,3 +126,36 @@ class ProgressObserver(RoundObserver):
 
     def on_round(self, record: RoundRecord) -> None:
         self.bar.advance(record.row)
+
+
+ALL_FAILED_ROUNDS = 3  # rounds in a row in which every sampled client failed before a run stops
+
+
+class AllClientsFailed(RuntimeError):
+    """Every sampled client failed for ``ALL_FAILED_ROUNDS`` rounds in a row: the run stops."""
+
+
+class FailureWatch(RoundObserver):
+    """Says why clients fail: each distinct reason once on stderr (the reason Flower would log at a
+    level fedsim silences), a count per reason for summary.json, and a stop with the reason when
+    every sampled client failed ``patience`` rounds in a row (settings that pass validation but
+    break every client, e.g. an lr that overflows, would otherwise give an exit-0 run that never
+    trained). Runs after the results writer, so the rounds that failed are on disk."""
+
+    def __init__(self, patience: int = ALL_FAILED_ROUNDS, stream: TextIO | None = None):
+        self.patience, self.stream = patience, stream
+        self.reasons: dict[str, int] = {}
+        self.streak = 0
+
+    def on_round(self, record: RoundRecord) -> None:
+        for node in record.failures:
+            reason = (node.error or "unknown").strip().splitlines()[0][:300] if (node.error or "").strip() else "unknown"
+            if reason not in self.reasons:
+                print(f"fedsim: client failure (round {record.server_round}, node {node.node_id}): {reason}",
+                      file=self.stream or sys.stderr)
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.streak = self.streak + 1 if record.nodes and not record.replies else 0
+        if self.streak >= self.patience:
+            last = (record.failures[0].error or "unknown").strip().splitlines()[0][:300]
+            raise AllClientsFailed(f"every client failed in rounds {record.server_round - self.streak + 1}-"
+                                   f"{record.server_round}; stopping (last reason: {last})")

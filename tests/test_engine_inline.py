@@ -181,3 +181,36 @@ def test_node_contexts_made_on_first_use():
         contexts[NODE_ID_BASE + 100_000]
     with pytest.raises(KeyError):
         contexts[NODE_ID_BASE - 1] = ctx
+
+
+class _AlwaysFail(ClientAlgorithm):
+    def train(self, job):
+        raise ValueError(f"lr {job.settings.lr} overflows on partition {job.data.partition_id}")
+
+
+register_strategy(StrategySpec("test_always_failing", NoParams, lambda p, s: FedAvgStrategy(s), _AlwaysFail))
+
+
+def test_failure_reasons_reach_the_rows_the_summary_and_stderr_once(tmp_path, small_scenario, capsys):
+    summary = run_scenario(small_scenario(strategy={"name": "test_failing"}, train={"rounds": 3, "lr": 0.1}),
+                           tmp_path, progress=False)
+    rows = read_metrics(tmp_path)
+    reason = "RuntimeError: simulated client crash"
+    assert all(len(r["failure_reasons"]) == 1 and reason in next(iter(r["failure_reasons"].values())) for r in rows)
+    assert len(summary["failure_reasons"]) == 1 and list(summary["failure_reasons"].values()) == [3]
+    err = capsys.readouterr().err
+    assert err.count(reason) == 1  # each distinct reason once, not every round
+
+
+def test_a_run_whose_every_client_fails_stops_with_the_reason_and_exit_1(tmp_path, small_scenario, capsys):
+    from fedsim.cli import main
+    from fedsim.observers import ALL_FAILED_ROUNDS
+
+    path = tmp_path / "s.yaml"
+    path.write_text(small_scenario(strategy={"name": "test_always_failing"}, train={"rounds": 10}).to_yaml())
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedsim: error: every client failed in rounds 1-3") and "overflows" in err[-1]
+    rows = read_metrics(tmp_path / "out")
+    assert len(rows) == ALL_FAILED_ROUNDS and all(r["participants"] == 0 for r in rows)  # stopped, rounds kept
+    assert not (tmp_path / "out" / "summary.json").exists()
