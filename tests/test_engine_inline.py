@@ -214,3 +214,17 @@ def test_a_run_whose_every_client_fails_stops_with_the_reason_and_exit_1(tmp_pat
     rows = read_metrics(tmp_path / "out")
     assert len(rows) == ALL_FAILED_ROUNDS and all(r["participants"] == 0 for r in rows)  # stopped, rounds kept
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_rounds_are_appended_and_a_torn_last_line_is_left_out(tmp_path):
+    from fedsim.results import ResultsWriter
+
+    writer = ResultsWriter(tmp_path, "name: x\n")
+    writer.add_round({"round": 1, "accuracy": 0.5})
+    inode = (tmp_path / "metrics.jsonl").stat().st_ino
+    writer.add_round({"round": 2, "accuracy": float("nan")})
+    assert (tmp_path / "metrics.jsonl").stat().st_ino == inode  # appended, not rewritten by rename
+    assert read_metrics(tmp_path) == [{"round": 1, "accuracy": 0.5}, {"round": 2, "accuracy": None}]
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 3, "accur')  # a run killed in the middle of its append
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2]
