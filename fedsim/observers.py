@@ -77,7 +77,7 @@ class RoundTiming(RoundObserver):
             "wall_s": now - record.started, "elapsed_s": now - self.run_started,
             "train_metrics": {k: float(v) for k, v in record.train_metrics.items()},
         })
-        if record.failures:  # why each failed node failed (its error reply's reason, or "no reply")
+        if record.failures:  # why each failed node failed (its error reply's reason, or the timeout)
             record.row["failure_reasons"] = {str(n.node_id): n.error for n in record.failures}
 
 

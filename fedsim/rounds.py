@@ -88,11 +88,11 @@ class RoundObserver:
         pass
 
 
-def _node_round(node_id: int, sent: RecordDict, reply: Message | None) -> NodeRound:
+def _node_round(node_id: int, sent: RecordDict, reply: Message | None, timeout: float) -> NodeRound:
     """The node's round with its reply as it arrived (still encoded)."""
     node = NodeRound(node_id, sent)
-    if reply is None:
-        node.error = "no reply"
+    if reply is None:  # a failure like any other, with its reason
+        node.error = f"timeout: no reply within engine.timeout_s ({timeout:g} s)"
     elif reply.has_error():
         node.error = reply.error.reason
     else:
@@ -130,7 +130,7 @@ def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arra
         sent = {m.metadata.dst_node_id: m.content for m in messages}
         replies: Iterable[Message] = grid.send_and_receive(messages, timeout=timeout)
         by_node = {m.metadata.src_node_id: m for m in replies}
-        nodes = [_node_round(n, sent[n], by_node.get(n)) for n in sorted(sent)]
+        nodes = [_node_round(n, sent[n], by_node.get(n), timeout) for n in sorted(sent)]
         _decode_replies(nodes, codec, arrays, server_round)
         for node in nodes:  # the strategy aggregates what the codec decoded
             if node.reply is not None:

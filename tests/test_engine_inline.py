@@ -228,3 +228,14 @@ def test_rounds_are_appended_and_a_torn_last_line_is_left_out(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"round": 3, "accur')  # a run killed in the middle of its append
     assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_missing_reply_is_a_failure_named_timeout():
+    from flwr.app import RecordDict
+
+    from fedsim.rounds import RoundRecord, _node_round
+
+    node = _node_round(7, RecordDict(), None, 12.0)
+    assert node.error == "timeout: no reply within engine.timeout_s (12 s)" and node.reply is None
+    record = RoundRecord(1, None, [node], None, {}, 0, 0, 0.0)
+    assert record.failures == [node] and record.replies == []
