@@ -31,6 +31,18 @@ def _rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
 
 
+def _one_client_audit(out, upload: dict, **audit) -> dict:
+    """Round 1 of sigmoid LeNet on 16x16 digits, 4 samples a client, one client's upload through
+    ``upload`` attacked by unrolled IG (200 iterations); its one audit row."""
+    raw = small_raw(model={"name": "lenet", "init": "uniform"}, data__image_size=16, data__num_clients=359,
+                    data__val_fraction=0.0, train__batch_size=4, train__rounds=1, train__participation=0.01,
+                    train__lr=0.3, upload=upload,
+                    audit={"attack": "ig", "clients": 1, "attack_config": {"iterations": 200}, **audit})
+    run_scenario(parse_scenario(raw), out, progress=False)
+    (row,) = _rows(out)
+    return row
+
+
 def _upload(codec: str):
     if codec == "none":
         return "none"
@@ -88,12 +100,7 @@ def test_a_topk_upload_audited_on_its_support_beats_the_same_audit_on_the_decode
     IG, 200 iterations, on the same client's same upload with and without the support."""
     psnr = {}
     for support in (True, False):
-        raw = small_raw(model={"name": "lenet", "init": "uniform"}, data__image_size=16, data__num_clients=359,
-                        data__val_fraction=0.0, train__batch_size=4, train__rounds=1, train__participation=0.01,
-                        train__lr=0.3, upload={"codec": "topk", "ratio": 0.1},
-                        audit={"attack": "ig", "clients": 1, "support": support, "attack_config": {"iterations": 200}})
-        run_scenario(parse_scenario(raw), tmp_path / str(support), progress=False)
-        (row,) = _rows(tmp_path / str(support))
+        row = _one_client_audit(tmp_path / str(support), {"codec": "topk", "ratio": 0.1}, support=support)
         psnr[support] = row["psnr"]
         if support:
             assert row["support"] == pytest.approx(0.1, abs=1e-3) and "10% of coordinates" in row["note"]
@@ -107,12 +114,7 @@ def test_a_sketched_upload_matched_in_sketch_space_beats_the_de_sketch(tmp_path,
     round's S (the server knows the seed) and matches the y that travelled, against matching the de-sketch S^T y."""
     psnr = {}
     for space in (True, False):
-        raw = small_raw(model={"name": "lenet", "init": "uniform"}, data__image_size=16, data__num_clients=359,
-                        data__val_fraction=0.0, train__batch_size=4, train__rounds=1, train__participation=0.01,
-                        train__lr=0.3, upload={"codec": "sketch", "ratio": 0.5},
-                        audit={"attack": "ig", "clients": 1, "sketch_space": space, "attack_config": {"iterations": 200}})
-        run_scenario(parse_scenario(raw), tmp_path / str(space), progress=False)
-        (row,) = _rows(tmp_path / str(space))
+        row = _one_client_audit(tmp_path / str(space), {"codec": "sketch", "ratio": 0.5}, sketch_space=space)
         psnr[space] = row["psnr"]
         assert ("sketch space" if space else "de-sketch") in row["note"]
     assert psnr[True] > psnr[False] + 4, psnr

@@ -23,3 +23,15 @@ def test_stateful_strategies_match_across_engines(tmp_path, local_ray, name):
     a, b = read_metrics(tmp_path / "inline"), read_metrics(tmp_path / "ray")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     assert inline["failures_total"] == on_ray["failures_total"] == 0
+
+
+@pytest.mark.parametrize("name", ["fedspeed", "fedce", "fedimpro"])
+def test_reference_mode_runs_end_to_end(tmp_path, name):
+    """``fidelity: reference`` through the whole pipeline (its rules: tests/test_strategies_*_reference.py)."""
+    import numpy as np
+
+    raw = small_raw(strategy={"name": name, "fidelity": "reference"}, data__num_clients=3, train__rounds=2,
+                    data__partition={"name": "dirichlet", "alpha": 0.5})
+    run_scenario(parse_scenario(raw), tmp_path, progress=False)
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

@@ -14,7 +14,7 @@ from fedsim.models import build_model
 from strategies.base import ClientData, ServerSettings, TrainSettings
 from strategies.fedavg import FedAvgClient
 from strategies.fedce import HISTORY_KEY, LAST_MODEL_KEY, FedCEClient, FedCEParams, FedCEStrategy
-from strategies.stateful import Reply, to_record
+from strategies.stateful import Reply
 from tests.clients import train_client
 
 torch.set_num_threads(1)
@@ -113,16 +113,3 @@ def test_reference_fixes_the_consensus():
         FedCEParams(fidelity="reference", consensus="current")
     p = FedCEParams(fidelity="reference", mode="times")
     assert p.consensus == "uniform" and FedCEParams.model_validate_json(p.model_dump_json()) == p
-
-
-def test_reference_mode_runs_end_to_end(tmp_path):
-    from fedsim.engines import run_scenario
-    from fedsim.results import read_metrics
-    from fedsim.scenario import parse_scenario
-    from tests.conftest import small_raw
-
-    raw = small_raw(strategy={"name": "fedce", "fidelity": "reference"}, data__num_clients=3, train__rounds=2,
-                    data__partition={"name": "dirichlet", "alpha": 0.5})
-    run_scenario(parse_scenario(raw), tmp_path, progress=False)
-    rows = read_metrics(tmp_path)
-    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

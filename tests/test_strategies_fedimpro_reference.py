@@ -131,16 +131,3 @@ def test_reference_defaults_are_the_official_ones():
     assert FedImproParams(fidelity="reference", noise_std=0.001).noise_std == 0.001
     assert ramp_weight(1001, p) == pytest.approx(2.0)  # uncapped
     assert ramp_weight(1001, FedImproParams()) == 0.5
-
-
-def test_reference_mode_runs_end_to_end(tmp_path):
-    from fedsim.engines import run_scenario
-    from fedsim.results import read_metrics
-    from fedsim.scenario import parse_scenario
-    from tests.conftest import small_raw
-
-    raw = small_raw(strategy={"name": "fedimpro", "fidelity": "reference"}, data__num_clients=3, train__rounds=2,
-                    data__partition={"name": "dirichlet", "alpha": 0.5})
-    run_scenario(parse_scenario(raw), tmp_path, progress=False)
-    rows = read_metrics(tmp_path)
-    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

@@ -47,17 +47,23 @@ def sketch_chunked(x: torch.Tensor, seed: int, cols: int, rows: int = 1) -> torc
     return both[:, 0::2] - both[:, 1::2]
 
 
-def transpose_chunked(table: torch.Tensor, seed: int, d: int) -> torch.Tensor:
-    """sum over rows r of s_r(j) table[r, h_r(j)], for every j (the transpose of the sketch), chunked."""
+def _signed_chunks(table: torch.Tensor, seed: int, d: int):
+    """For each chunk of the d coordinates: (start, length, codes, the table with its negated copy
+    interleaved), so that ``signed[r].index_select(0, codes[r])`` is s_r(j) table[r, h_r(j)]."""
     rows, cols = table.shape
     signed = torch.stack([table, -table], dim=2).view(rows, -1)
-    out = torch.empty(d)
     for i, s in enumerate(range(0, d, CHUNK)):
         n = min(CHUNK, d - s)
-        codes = _chunk_codes(seed, i, n, cols, rows)
+        yield s, n, _chunk_codes(seed, i, n, cols, rows), signed
+
+
+def transpose_chunked(table: torch.Tensor, seed: int, d: int) -> torch.Tensor:
+    """sum over rows r of s_r(j) table[r, h_r(j)], for every j (the transpose of the sketch), chunked."""
+    out = torch.empty(d)
+    for s, n, codes, signed in _signed_chunks(table, seed, d):
         dst = out[s:s + n]
         torch.index_select(signed[0], 0, codes[0], out=dst)
-        for r in range(1, rows):
+        for r in range(1, len(codes)):
             dst.add_(signed[r].index_select(0, codes[r]))
     return out
 
@@ -65,13 +71,9 @@ def transpose_chunked(table: torch.Tensor, seed: int, d: int) -> torch.Tensor:
 def median_chunked(table: torch.Tensor, seed: int, d: int) -> torch.Tensor:
     """Per coordinate j, the median over rows r of s_r(j) table[r, h_r(j)] (the count sketch's estimate),
     chunked like ``transpose_chunked``."""
-    rows, cols = table.shape
-    signed = torch.stack([table, -table], dim=2).view(rows, -1)
     out = torch.empty(d)
-    for i, s in enumerate(range(0, d, CHUNK)):
-        n = min(CHUNK, d - s)
-        codes = _chunk_codes(seed, i, n, cols, rows)
-        out[s:s + n] = median_rows([signed[r].index_select(0, codes[r]) for r in range(rows)])
+    for s, n, codes, signed in _signed_chunks(table, seed, d):
+        out[s:s + n] = median_rows([signed[r].index_select(0, codes[r]) for r in range(len(codes))])
     return out
 
 
