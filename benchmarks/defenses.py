@@ -18,7 +18,7 @@ Also, per mode, whether Opacus's per-sample gradients are exact: the largest dif
 per-sample gradients taken one sample at a time (plain autograd) on one batch.
 
 Targets (issue 10): dp / opacus <= 1.2 (fedsim adds nothing) and dp / plain <= 3.
-Usage: python benchmarks/defenses.py [--rounds 6] [--repeat 3] [--modes hooks,functorch,ew] [--workloads W1,LeNet]
+Usage: python benchmarks/defenses.py [--rounds 6] [--repeat 3] [--modes hooks,functorch,ew,ghost] [--workloads W1,LeNet]
 """
 
 from __future__ import annotations
@@ -92,13 +92,18 @@ def opacus_round_ms(raw: dict, rounds: int, mode: str) -> tuple[float, float]:
             opt = torch.optim.SGD(model.parameters(), lr=LR)
             loader = DataLoader(TensorDataset(x, y), batch_size=BATCH,
                                 generator=torch.Generator().manual_seed(rnd * 100 + c))
-            pm, popt, pl = engines[c].make_private(module=model, optimizer=opt, data_loader=loader,
-                                                   noise_multiplier=NOISE, max_grad_norm=CLIP,
-                                                   poisson_sampling=True, grad_sample_mode=mode)
+            criterion = torch.nn.CrossEntropyLoss()
+            private = engines[c].make_private(module=model, optimizer=opt, data_loader=loader,
+                                              noise_multiplier=NOISE, max_grad_norm=CLIP, poisson_sampling=True,
+                                              grad_sample_mode=mode, **({"criterion": criterion} if mode == "ghost" else {}))
+            if mode == "ghost":  # make_private also returns the two-pass loss
+                pm, popt, criterion, pl = private
+            else:
+                pm, popt, pl = private
             pm.train()
             for xb, yb in pl:
                 popt.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(pm(xb), yb).backward()
+                criterion(pm(xb), yb).backward()
                 popt.step()
             pm._close()
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -113,7 +118,8 @@ def opacus_round_ms(raw: dict, rounds: int, mode: str) -> tuple[float, float]:
 
 
 def per_sample_error(raw: dict, mode: str) -> float:
-    """max |Opacus per-sample gradient - one-sample autograd gradient| on one batch of 16."""
+    """max |Opacus per-sample gradient - one-sample autograd gradient| on one batch of 16; for ghost
+    clipping, which never forms per-sample gradients, the same for their norms (what it clips by)."""
     from opacus.grad_sample.utils import wrap_model
 
     from fedsim.scenario import parse_scenario
@@ -126,6 +132,15 @@ def per_sample_error(raw: dict, mode: str) -> float:
     params = list(model.parameters())
     exact = [torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
              for i in range(len(y))]
+    if mode == "ghost":
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum")
+        torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+        norms = torch.stack([torch.cat([g.ravel() for g in grads]).norm() for grads in exact])
+        err = float((gsm.get_norm_sample() - norms).abs().max())
+        gsm._close()
+        return err
     gsm = wrap_model(model, mode, batch_first=True, loss_reduction="sum")
     torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
     err = max(float((p.grad_sample[i] - exact[i][j]).abs().max()) for j, p in enumerate(params) for i in range(len(y)))
@@ -136,7 +151,7 @@ def per_sample_error(raw: dict, mode: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--modes", default="hooks,functorch,ew")
+    ap.add_argument("--modes", default="hooks,functorch,ew,ghost")
     ap.add_argument("--workloads", default="W1,LeNet")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()

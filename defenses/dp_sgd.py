@@ -62,9 +62,15 @@ class DpSgdParams(BaseModel):
     poisson: bool = Field(True, description="Poisson sampling; false: shuffled fixed-size batches, accounted "
                           "as if Poisson (as Opacus does without poisson_sampling: an approximation)")
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
-    # ew (expanded weights) measured fastest of Opacus's exact modes on W1 and LeNet
-    # (benchmarks/defenses.py); hooks and functorch give the same per-sample gradients.
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "ew"
+    # How Opacus gets each sample's clipped gradient; every mode gives the same update (to float
+    # rounding). hooks, functorch and ew (expanded weights) materialise per-sample gradients;
+    # ghost (Opacus's fast gradient clipping, Li et al. ICLR 2022) computes only their norms,
+    # exactly, for Linear and Embedding layers (other layers fall back to per-sample gradients),
+    # then backpropagates the loss once more, each sample's term scaled by its clipping factor.
+    # auto: ghost when every layer with parameters is Linear (where it never forms per-sample
+    # gradients; 0.85x ew's round on W1), else ew (ghost's fallback made LeNet's round 1.2x ew's):
+    # benchmarks/defenses.py, README "DP-SGD cost".
+    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = "auto"
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> "DpSgdParams":
@@ -161,6 +167,39 @@ class _CountingDPOptimizer:
         return Counting(optimizer, **kwargs)
 
 
+def resolved_mode(mode: str, model: nn.Module) -> str:
+    """The Opacus mode ``auto`` stands for on ``model`` (the others stand for themselves)."""
+    if mode != "auto":
+        return mode
+    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    return "ghost" if all(isinstance(m, nn.Linear) for m in layers) else "ew"
+
+
+def _ghost_clipping(model: nn.Module, sgd: torch.optim.Optimizer, max_grad_norm: float, dp_settings: dict):
+    """Opacus's fast gradient clipping, as ``PrivacyEngine.make_private(grad_sample_mode="ghost")`` sets it
+    up: (the wrapped model, the optimizer, the batch loss whose ``backward()`` runs both passes).
+    The optimizer counts the samples whose clipping factor was below 1, as ``_CountingDPOptimizer`` does."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                               max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+    optimizer = DPOptimizerFastGradientClipping(sgd, **dp_settings)
+    optimizer.clipped = optimizer.seen = 0
+    get_clipping_coef = gsm.get_clipping_coef
+
+    def counted_clipping_coef() -> torch.Tensor:
+        coef = get_clipping_coef()
+        optimizer.clipped += int((coef < 1.0).sum())
+        optimizer.seen += len(coef)
+        return coef
+
+    gsm.get_clipping_coef = counted_clipping_coef
+    criterion = DPLossFastGradientClipping(gsm, optimizer, nn.CrossEntropyLoss(), loss_reduction="mean")
+    return gsm, optimizer, lambda x, y: criterion(gsm(x), y)
+
+
 def load_accountant(state: RecordDict, mechanism: str):
     from opacus.accountants import create_accountant
 
@@ -241,13 +280,20 @@ class PrivateTraining:
         sigma = noise_multiplier_for(p, q, self.rounds * s.local_epochs * k)
         accountant = load_accountant(self.state, p.accountant)
         noise_gen = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, DP_NOISE_STREAM]).integers(2**62)))
-        gsm = wrap_model(model, p.grad_sample_mode, batch_first=True, loss_reduction="mean")
         # torch.optim.SGD, not LocalSGD: Opacus's DPOptimizer wraps a torch Optimizer (same update rule).
-        optimizer = _CountingDPOptimizer.build(
-            torch.optim.SGD(trainer.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
-            noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-            expected_batch_size=max(1, int(n * q)),  # as PrivacyEngine.make_private sets it
-            loss_reduction="mean", generator=noise_gen)
+        sgd = torch.optim.SGD(trainer.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        dp_settings = dict(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+                           expected_batch_size=max(1, int(n * q)),  # as PrivacyEngine.make_private sets it
+                           loss_reduction="mean", generator=noise_gen)
+        mode = resolved_mode(p.grad_sample_mode, model)
+        if mode == "ghost":
+            gsm, optimizer, batch_loss = _ghost_clipping(model, sgd, p.max_grad_norm, dp_settings)
+        else:
+            gsm = wrap_model(model, mode, batch_first=True, loss_reduction="mean")
+            optimizer = _CountingDPOptimizer.build(sgd, **dp_settings)
+
+            def batch_loss(x, y):
+                return nn.functional.cross_entropy(gsm(x), y)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))  # as PrivacyEngine does
         try:
             # Opacus's hooks on the first layer see an input that needs no gradient: harmless, said each step.
@@ -256,11 +302,12 @@ class PrivateTraining:
             for idx in trainer.schedule:
                 optimizer.zero_grad(set_to_none=True)
                 if len(idx):
-                    loss = nn.functional.cross_entropy(gsm(trainer.data.x[idx]), trainer.data.y[idx])
+                    loss = batch_loss(trainer.data.x[idx], trainer.data.y[idx])
                     loss.backward()
                 else:  # an empty Poisson batch: no per-sample gradients, the step is noise alone
                     for prm in trainer.params:  # (what a forward pass on 0 samples gives; ew refuses one)
                         prm.grad_sample = torch.zeros((0, *prm.shape), dtype=prm.dtype)
+                        prm.grad = torch.zeros_like(prm)  # ghost clipping's optimizer sums .grad
                 if optimizer.pre_step():  # clip, sum, noise, scale; the accountant steps here
                     if extra_loss is not None:  # FedProx: data-independent, added after privatising
                         for prm, g in zip(trainer.params, torch.autograd.grad(extra_loss(model), trainer.params,
@@ -277,7 +324,7 @@ class PrivateTraining:
             optimizer.zero_grad(set_to_none=True)
             gsm._close()  # the model object is reused by later (maybe non-private) calls in this process
             for prm in trainer.params:
-                for attr in ("summed_grad", "grad_sample"):
+                for attr in ("summed_grad", "grad_sample", "_norm_sample", "_forward_counter"):
                     if hasattr(prm, attr):
                         delattr(prm, attr)
         save_accountant(self.state, accountant)
@@ -298,7 +345,11 @@ def private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: d
     k = steps_per_epoch(num_examples, train_batch_size)
     sigma = noise_multiplier_for(p, 1.0 / k, int(step["rounds"]) * local_epochs * k)
     params = list(model.parameters())
-    gsm = wrap_model(model, p.grad_sample_mode, batch_first=True, loss_reduction="sum")
+    # One gradient, not a training loop: ghost clipping's two passes buy nothing here, and hooks
+    # gives the same clipped sum.
+    mode = resolved_mode(p.grad_sample_mode, model)
+    mode = "hooks" if mode == "ghost" else mode
+    gsm = wrap_model(model, mode, batch_first=True, loss_reduction="sum")
     try:
         for prm in params:
             prm.grad = None

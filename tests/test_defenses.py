@@ -86,7 +86,7 @@ def test_dp_sgd_noise_reaches_the_upload_with_opacus_variance():
     assert _update(sent, up).var().item() == pytest.approx(expected, rel=0.1)
 
 
-@pytest.mark.parametrize("mode", ["ew", "hooks"])
+@pytest.mark.parametrize("mode", ["ew", "hooks", "ghost"])
 def test_dp_sgd_round_is_opacus_dp_optimizer_bit_for_bit(mode):
     """fedsim adds only the batches and the seeds: the same Poisson batches and noise generator through
     Opacus's own GradSampleModule + DPOptimizer give the same upload, bit for bit."""
@@ -107,13 +107,25 @@ def test_dp_sgd_round_is_opacus_dp_optimizer_bit_for_bit(mode):
     k = steps_per_epoch(len(y), 32)
     torch.default_generator.manual_seed(settings.seed)
     noise = torch.Generator().manual_seed(int(np.random.default_rng([settings.seed, DP_NOISE_STREAM]).integers(2**62)))
-    gsm = wrap_model(model, mode, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.3, max_grad_norm=0.5,
-                      expected_batch_size=int(len(y) * (1 / k)), generator=noise)
+    dp = dict(noise_multiplier=1.3, max_grad_norm=0.5, expected_batch_size=int(len(y) * (1 / k)), generator=noise)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    if mode == "ghost":  # Opacus's fast gradient clipping, wired as PrivacyEngine.make_private wires it
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=0.5)
+        opt = DPOptimizerFastGradientClipping(sgd, **dp)
+        criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(), loss_reduction="mean")
+    else:
+        gsm = wrap_model(model, mode, batch_first=True, loss_reduction="mean")
+        opt = DPOptimizer(sgd, **dp)
+        criterion = torch.nn.CrossEntropyLoss()
     model.train()
     for idx in PoissonSampler().schedule(len(y), settings):
+        assert len(idx)  # (batch 32: no empty batch here, so no fedsim special case is exercised)
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(gsm(x[idx]), y[idx]).backward()
+        criterion(gsm(x[idx]), y[idx]).backward()
         opt.step()
     gsm._close()
     assert all(torch.equal(model.state_dict()[k_], up[k_]) for k_ in up)
@@ -413,7 +425,7 @@ def test_empty_poisson_batches_step_with_noise_alone_in_every_mode():
 
     raw = small_raw(data__num_clients=40, train__batch_size=1)
     ups = {}
-    for mode in ("ew", "hooks", "functorch"):
+    for mode in ("ew", "hooks", "functorch", "ghost", "auto"):
         sent, ups[mode], metrics = _train_once({"name": "dp_sgd", "noise_multiplier": 1.0, "grad_sample_mode": mode}, raw)
     n = int(metrics["num-examples"])
     settings = TrainSettings.from_config(ConfigRecord(client_config(ServerSettings(seed=0, num_clients=40, lr=0.1,
@@ -423,6 +435,8 @@ def test_empty_poisson_batches_step_with_noise_alone_in_every_mode():
     for k in sent:
         assert torch.allclose(ups["ew"][k], ups["hooks"][k], atol=1e-6)
         assert torch.allclose(ups["ew"][k], ups["functorch"][k], atol=1e-6)
+        assert torch.allclose(ups["ew"][k], ups["ghost"][k], atol=1e-6)
+        assert torch.equal(ups["auto"][k], ups["ghost"][k])  # an MLP: auto is ghost
 
 
 def test_dp_user_client_clipping_clips_the_audit_gradient_answer():
@@ -479,3 +493,12 @@ def test_update_audit_says_the_replay_leaves_the_defense_out(tmp_path):
     run_scenario(parse_scenario(raw), tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["exact_replay"] is False and "prune" in rows[0]["note"]
+
+
+def test_auto_mode_is_ghost_clipping_for_linear_models_and_expanded_weights_otherwise():
+    from defenses.dp_sgd import resolved_mode
+    from fedsim.models import build_model
+
+    assert resolved_mode("auto", build_model("mlp", 1, 8, 10, hidden=(32,))) == "ghost"
+    assert resolved_mode("auto", build_model("lenet", 1, 16, 10)) == "ew"  # convolutions
+    assert resolved_mode("hooks", build_model("mlp", 1, 8, 10)) == "hooks"
