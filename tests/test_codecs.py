@@ -189,11 +189,14 @@ def test_count_sketch_recovers_planted_heavy_hitters(seed, k):
     assert set(planted.tolist()) <= set(select_topk(est, 2 * k).tolist())
 
 
-def test_fetchsgd_error_feedback_keeps_what_was_not_sent():
+@pytest.mark.parametrize("error_reset", ["zero", "subtract"])
+def test_fetchsgd_error_feedback_keeps_what_was_not_sent(error_reset):
     """Round 1 sends the top-k of the unsketched mean; the rest stays in S_e and is sent later: after two
-    rounds with zero updates in round 2, the server has sent the heavy values of round 1 (k per round)."""
+    rounds with zero updates in round 2, the server has sent the heavy values of round 1 (k per round).
+    (The 10 heavy coordinates' buckets do not collide here, so zeroing the buckets round 1 sent loses
+    nothing of the other 5.)"""
     d = 4000
-    p = CountSketchParams(ratio=1.0, rows=5, topk=5 / d)  # a roomy sketch: no false positives here
+    p = CountSketchParams(ratio=1.0, rows=5, topk=5 / d, error_reset=error_reset)  # roomy: no false positives
     codec = CountSketchCodec(p)
     sent = to_record({"w": torch.zeros(d)})
     x = torch.zeros(d)
@@ -215,6 +218,47 @@ def test_fetchsgd_error_feedback_keeps_what_was_not_sent():
     b = to_torch(r2[0]["arrays"])["w"]
     assert set(torch.nonzero(b).view(-1).tolist()) == set(heavy[:5].tolist())
     assert torch.allclose(a + b, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("error_reset", ["zero", "subtract"])
+def test_fetchsgd_server_round_follows_the_reference_rule(error_reset):
+    """Three server rounds against FetchSGD's server step written from the reference code
+    (CommEfficient fed_aggregator.py ``_server_helper_sketched``, virtual momentum and error, lr 1):
+    V_u = rho V_u + S; V_e += V_u; Delta = top-k(U(V_e)); T = S(Delta); ``zero``: V_e[T != 0] = 0 (the
+    reference's rule), ``subtract``: V_e -= T (the paper's); V_u[T != 0] = 0. Small sketch, so
+    buckets collide and the two rules differ."""
+    d, rho = 3000, 0.9
+    p = CountSketchParams(ratio=0.1, rows=3, topk=0.01, momentum=rho, error_reset=error_reset)
+    codec = CountSketchCodec(p)
+    sent = to_record({"w": torch.zeros(d)})
+    rng = np.random.default_rng(3)
+    v_u = v_e = None
+    for rnd in range(1, 4):
+        ctx = CodecContext(seed=11, server_round=rnd)
+        xs = [torch.from_numpy(rng.normal(0, 1, d).astype(np.float32)) for _ in range(2)]
+        contents = []
+        for x, n in zip(xs, (3.0, 1.0)):
+            content = codec.encode(Upload({"w": x}, {"w": torch.zeros(d)}, {}), RecordDict(), ctx)
+            content["metrics"] = MetricRecord({"num-examples": n})
+            contents.append(content)
+        got = to_torch(codec.decode_round(contents, sent, ctx)[0]["arrays"])["w"]
+        mean = 0.75 * codec.sketch(xs[0], ctx) + 0.25 * codec.sketch(xs[1], ctx)
+        v_u = mean.clone() if v_u is None else rho * v_u + mean
+        v_e = v_u.clone() if v_e is None else v_e + v_u
+        est = codec.unsketch(v_e, d, ctx)
+        idx = torch.topk(est.abs(), int(0.01 * d)).indices
+        delta = torch.zeros(d)
+        delta[idx] = est[idx]
+        table = codec.sketch(delta, ctx)
+        if error_reset == "zero":
+            v_e[table != 0] = 0
+        else:
+            v_e = v_e - table
+        v_u[table != 0] = 0
+        assert torch.allclose(got, delta, atol=1e-6)
+        assert torch.allclose(codec.error_table, v_e, atol=1e-5)
+        assert torch.allclose(codec.momentum_table, v_u, atol=1e-5)
+    assert int((delta != 0).sum()) == int(0.01 * d)
 
 
 # ----------------------------------------------------------------------------- dgc and topk
