@@ -115,7 +115,7 @@ def audit_table(root: Path, dense_root: Path | None = None, sketch: str = "") ->
 
 def main(out: str) -> None:
     root = Path(out)
-    tables = {"accuracy": accuracy_table,
+    tables = {"accuracy": accuracy_table, "accuracy_cnn": accuracy_table,
               "audit": lambda r: audit_table(r, sketch="de-sketch S^T y"),
               "audit_sketch": lambda r: audit_table(r, root / "audit", sketch="sketch space")}
     for name, table in tables.items():
