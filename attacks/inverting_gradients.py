@@ -164,12 +164,12 @@ class InvertingGradientsAttack(Attack):
         shape = (obs.batch_size, *obs.input_shape)
         best, trace_all, total_it, all_converged = None, [], assign_its, True
         for trial in range(self.restarts):
-            x = (lo + (hi - lo) * torch.rand(shape, generator=gen)).requires_grad_(True)
+            x = self._init_images(shape, lo, hi, gen).requires_grad_(True)
             masks = self._init_masks(obs, gen)
             extra = self._extra_leaves(obs, gen)
             leaves = [x] + self._mask_leaves(masks) + list(extra.values())
             opt = torch.optim.Adam(self._param_groups(x, leaves[1:], extra))
-            sched = StepDecay(opt, self.iterations, enabled=self.decay)
+            sched = StepDecay(opt, self.iterations, enabled=self.decay, milestones=self._milestones())
             stop = ConvergenceStop(self.stop_patience, self.stop_tol)
             converged = False
             for it in range(self.iterations):
@@ -207,7 +207,15 @@ class InvertingGradientsAttack(Attack):
                               extras={"final_loss": best[0], "best_restart": best[2],
                                       "label_assignment_iterations": assign_its, **best[3]})
 
-    # SME overrides these three to add its interpolation weight.
+    # SME overrides these to add its interpolation weight (and, with fidelity reference, its start and decays).
+    def _init_images(self, shape, lo, hi, gen):
+        """The start: uniform in the data box."""
+        return lo + (hi - lo) * torch.rand(shape, generator=gen)
+
+    def _milestones(self) -> list[int] | None:
+        """Iterations of the lr decays; None: 3/8, 5/8, 7/8 of the budget (``attacks.schedule``)."""
+        return None
+
     def _param_groups(self, x, others, extra):
         return [{"params": [x] + others, "lr": self.lr}]
 

@@ -24,9 +24,13 @@ GAMMA = 0.1
 
 
 class StepDecay:
-    def __init__(self, optimizer: torch.optim.Optimizer, budget: int, enabled: bool = True):
+    def __init__(self, optimizer: torch.optim.Optimizer, budget: int, enabled: bool = True,
+                 milestones: list[int] | None = None):
+        """``milestones`` replaces the budget's 3/8, 5/8, 7/8 (e.g. SME's code: budget // 2.667, // 1.6, // 1.142)."""
         self.optimizer = optimizer
-        self.milestones = sorted(int(budget * f) for f in FRACTIONS) if enabled else []
+        if milestones is None:
+            milestones = [int(budget * f) for f in FRACTIONS]
+        self.milestones = sorted(int(m) for m in milestones) if enabled else []
         self.done = 0  # decays applied so far
         self.epoch = 0
         self._decay_due()  # MultiStepLR applies a milestone at 0 on construction

@@ -1,6 +1,6 @@
 """Full-size attack experiments (the issue's "results to reproduce"); prints Markdown tables.
 
-    python experiments/attacks/run.py dlg|labels|ig|dropout|sme|all [--seeds N] [--out DIR]
+    python experiments/attacks/run.py dlg|labels|ig|dropout|sme|sme_fidelity|dia_schedule|all [--seeds N] [--out DIR]
 
 Each experiment seeds the victim case (model init, batch, dropout masks) and the
 attack alike, runs single-threaded, and writes DIR/<name>.json and DIR/<name>.md.
@@ -39,7 +39,7 @@ IG_INIT = {"digits": "uniform", "patches": "default"}
 def attack(name, case, **cfg):
     rec = build_attack(name, **cfg).reconstruct(case.observation)
     s = evaluate(rec.images, case.images, rec.hard_labels(), case.labels)
-    return {"psnr": s["psnr"], "ssim": s["ssim"], "label_acc": s["label_accuracy"],
+    return {"psnr": s["psnr"], "ssim": s["ssim"], "cw_ssim": s["cw_ssim"], "label_acc": s["label_accuracy"],
             "success20": s["success_rate"], "wall_s": rec.wall_s, "iterations": rec.iterations,
             "restarts": rec.restarts}
 
@@ -160,7 +160,75 @@ def exp_sme(seeds, iterations=600):
     return md, raw
 
 
-EXPERIMENTS = {"labels": exp_labels, "dlg": exp_dlg, "ig": exp_ig, "dropout": exp_dropout, "sme": exp_sme}
+def spread(xs):
+    """mean ± std over seeds (population std), one decimal."""
+    return f"{mean(xs):.1f} ± {statistics.pstdev(xs):.1f}" if len(xs) > 1 else f"{mean(xs):.1f}"
+
+
+SME_FIDELITY = {
+    "fedsim (signed Adam 0.1, uniform start, TV 1e-4 on dx+dy)": {},
+    "reference (Adam 1, randn start, TV 0.01 on (dx+dy)/2)": {"fidelity": "reference"},
+    "reference, but signed Adam 0.1": {"fidelity": "reference", "signed": True, "lr": 0.1},
+    "reference, but TV 1e-4 on dx+dy": {"fidelity": "reference", "tv": 2e-4},
+}
+
+
+def exp_sme_fidelity(seeds, iterations=600):
+    """SME with fedsim's settings against the official code's (``attacks.sme``, fidelity), same cases as exp_sme."""
+    rows, raw = [], {}
+    for ds, b, lbs in (("digits", 2, 2), ("digits", 4, 2), ("patches", 2, 2)):
+        res = {name: [] for name in SME_FIDELITY}
+        for s in range(seeds):
+            case = build_case(model="lenet", dataset=ds, batch_size=b, seed=s, threat="update",
+                              local_steps=10, lr=0.01, local_batch_size=lbs, labels_known=True, init=IG_INIT[ds])
+            for name, cfg in SME_FIDELITY.items():
+                res[name].append(attack("sme", case, iterations=iterations, seed=s, **cfg))
+            print("sme_fidelity", ds, b, s, {k[:12]: round(v[-1]["psnr"], 1) for k, v in res.items()}, flush=True)
+        raw[f"{ds} b{b} lbs{lbs}"] = res
+        for name, runs in res.items():
+            rows.append(f"| {ds} | {b} | {name} | {spread([r['psnr'] for r in runs])} | "
+                        f"{mean([r['ssim'] for r in runs]):.2f} | {mean([r['cw_ssim'] for r in runs]):.2f} | "
+                        f"{' / '.join(format(r['psnr'], '.1f') for r in runs)} | "
+                        f"{mean([r['wall_s'] for r in runs]):.1f} |")
+    md = md_table(f"SME settings: 10 local SGD steps, lr 0.01, labels known, sigmoid LeNet (digits: uniform init, "
+                  f"patches: default init), {iterations} iterations, seeds 0-{seeds - 1}; PSNR mean ± std over seeds",
+                  ["data", "samples", "settings", "PSNR dB", "SSIM", "CW-SSIM", "per seed", "wall s"], rows)
+    return md, raw
+
+
+DIA_SCHEDULES = {
+    "fedsim (1000 its, MultiStep decay, last iterate)": {"iterations": 1000},
+    "reference (plateau decay, patience 4000, loss < 1e-5 stop, lowest-loss iterate)":
+        {"iterations": 4000, "schedule": "reference"},
+    "reference without the loss < 1e-5 stop": {"iterations": 4000, "schedule": "reference", "loss_floor": None},
+}
+
+
+def exp_dia_schedule(seeds, p=0.5):
+    """DIA's schedule: fedsim's against the official code's (``attacks.dropout_inversion``), capped at 4000
+    iterations (the reference's budget is 20000: too long here)."""
+    rows, raw = [], {}
+    for ds in ("digits", "patches"):
+        res = {name: [] for name in DIA_SCHEDULES}
+        for s in range(seeds):
+            case = build_case(model="lenet", dataset=ds, batch_size=1, seed=s, dropout=p, labels_known=True,
+                              init=IG_INIT[ds])
+            for name, cfg in DIA_SCHEDULES.items():
+                res[name].append(attack("dia", case, seed=s, **cfg))
+            print("dia_schedule", ds, s, [round(v[-1]["psnr"], 1) for v in res.values()], flush=True)
+        raw[ds] = res
+        for name, runs in res.items():
+            rows.append(f"| {ds} | {name} | {spread([r['psnr'] for r in runs])} | "
+                        f"{mean([r['ssim'] for r in runs]):.2f} | {mean([r['cw_ssim'] for r in runs]):.2f} | "
+                        f"{' / '.join(str(r['iterations']) for r in runs)} | {mean([r['wall_s'] for r in runs]):.0f} |")
+    md = md_table(f"DIA schedules: batch 1, labels known, sigmoid LeNet (digits: uniform init, patches: default init), "
+                  f"dropout {p} before fc, seeds 0-{seeds - 1}; PSNR mean ± std over seeds",
+                  ["data", "schedule", "PSNR dB", "SSIM", "CW-SSIM", "iterations run", "wall s"], rows)
+    return md, raw
+
+
+EXPERIMENTS = {"labels": exp_labels, "dlg": exp_dlg, "ig": exp_ig, "dropout": exp_dropout, "sme": exp_sme,
+               "sme_fidelity": exp_sme_fidelity, "dia_schedule": exp_dia_schedule}
 
 
 def main():
@@ -173,7 +241,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(EXPERIMENTS) if args.which == "all" else [args.which]
-    defaults = {"labels": 10, "dlg": 10, "ig": 3, "dropout": 3, "sme": 3}
+    defaults = {"labels": 10, "dlg": 10, "ig": 3, "dropout": 3, "sme": 3, "sme_fidelity": 3, "dia_schedule": 1}
     for name in names:
         t0 = time.perf_counter()
         md, raw = EXPERIMENTS[name](args.seeds or defaults[name])
