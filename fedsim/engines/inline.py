@@ -4,16 +4,32 @@ No Ray, no serialisation (each client gets a copy of its message), no start-up c
 other engine. Each node keeps its own ``Context`` (so ``Context.state`` persists across
 rounds exactly as on a SuperNode). A ClientApp that raises becomes an error reply, as
 on a real SuperNode, and the round goes on.
+
+The round's timeout (``engine.timeout_s``) is kept by a watchdog. A round's clients run
+one after another on one long-lived worker thread (handed the whole round at once) while
+the server waits up to the timeout. A thread cannot be killed, so when the time is up the
+round is given up: the running call is abandoned, its node gets no reply (``rounds.py``
+records ``timeout``), nor do the clients the round had no time left for, and the server
+goes on with a fresh worker thread. The abandoned call runs on in its own thread and
+everything it produces is dropped: it works on a copy of its node's Context (every call
+gets one: ``context_copy``, 1-15 us) that is kept only from calls that returned in time.
+Until it returns, its node is busy: later rounds give that node an error reply saying so
+at once (no waiting), and once the call returns the node trains again. (Ray kills and
+replaces a hung call's actor instead.)
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import queue
+import threading
+import time
 import traceback
+import weakref
 from collections.abc import Iterable, Iterator, MutableMapping
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -123,21 +139,179 @@ class SimulatedNodesGrid(Grid):
         return mid
 
 
+def context_copy(context: Context) -> Context:
+    """A Context whose state a call may change without touching ``context``: every record is
+    copied (Flower's shallow ``copy()``), and so are the lists in config and metric records; the
+    Arrays, whose bytes are immutable, are shared, as are the ids and configs clients only read.
+    (A 4-array model and a 50-float history: 15 us, against 57 us for ``copy.deepcopy`` of the
+    state; an empty state: 1.4 us.)"""
+    state = RecordDict()
+    for key, record in context.state.items():
+        record = record.copy()
+        if not isinstance(record, ArrayRecord):
+            # Straight into the record's dict (what Flower's own copy() fills): setting a list through
+            # the record re-checks every element's type (~1 us each), for values already checked.
+            data = record.__dict__.get("_data")
+            for name, value in list(record.items()):
+                if isinstance(value, list):
+                    if data is not None:
+                        data[name] = list(value)
+                    else:
+                        record[name] = list(value)
+        state[key] = record
+    return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                   state=state, run_config=context.run_config)
+
+
+class _Round:
+    """A round's client calls, run one after another on a worker thread while the server waits.
+
+    One hand-off a round, not one a call: waking a thread costs ~20 us on an idle machine but
+    milliseconds on a loaded one, where a woken thread queues behind other processes (W1 on a
+    2-core machine at load 8, a hand-off per call: rounds 16-60% longer in 4 of 5 paired runs). ``_guard`` makes giving up
+    and finishing a call exclusive, so each call either lands in ``results`` before the server
+    gives up or never does."""
+
+    def __init__(self, client_app: ClientApp, jobs: list[tuple[str, Message, Context]]):
+        self.client_app, self.jobs = client_app, jobs
+        self.results: dict[str, tuple[Message, Context]] = {}
+        self.error: BaseException | None = None
+        self.current: Message | None = None  # the message whose call is running
+        self.cancelled = False
+        self._guard = threading.Lock()
+        self._running = threading.Lock()
+        self._running.acquire()  # held until every call returned (or the round was given up)
+
+    def run(self) -> None:
+        try:
+            for mid, msg, context in self.jobs:
+                with self._guard:
+                    if self.cancelled:
+                        return
+                    self.current = msg
+                reply = call_client(self.client_app, msg, context)
+                with self._guard:
+                    if self.cancelled:  # too late: the server has moved on without it
+                        return
+                    self.results[mid] = (reply, context)
+                    self.current = None
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the server's thread (call_client catches Exception)
+            self.error = exc
+        finally:
+            self._running.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether every call returned within ``timeout`` seconds."""
+        if self._running.acquire(timeout=timeout):
+            self._running.release()  # so that ``done`` and later waits see it finished
+            return True
+        return False
+
+    def give_up(self) -> Message | None:
+        """Stop the round here: calls not started never run, a late one is dropped. Returns the
+        message whose call is still running (its node stays busy until ``done``), if any."""
+        with self._guard:
+            self.cancelled = True
+            return self.current
+
+    def done(self) -> bool:
+        return not self._running.locked()
+
+
+class _ClientThread:
+    """A daemon thread that runs the rounds it is given, one after another (one thread for a
+    whole run, unless a call hangs: a thread per round would cost its start-up every round)."""
+
+    def __init__(self):
+        self._rounds: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(self._rounds,), name="fedsim-inline-client", daemon=True).start()
+
+    @staticmethod
+    def _serve(rounds: queue.SimpleQueue) -> None:
+        while (work := rounds.get()) is not None:
+            work.run()
+
+    def submit(self, work: _Round) -> None:
+        self._rounds.put(work)
+
+    def retire(self) -> None:
+        """Exit once the current round (if any) returns."""
+        self._rounds.put(None)
+
+
+def _which_call(msg: Message) -> str:
+    """'round R' for a training message (its config says the round), else its message type."""
+    for record in msg.content.config_records.values():
+        if "server-round" in record:
+            return f"round {record['server-round']}"
+    return f"a {msg.metadata.message_type} message"
+
+
 class InlineGrid(SimulatedNodesGrid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1):
         super().__init__(num_nodes, run_config, run_id)
         self.client_app = client_app
+        self._thread: _ClientThread | None = None
+        self._retire = None  # weakref.finalize: the worker thread ends with the Grid
+        self._deadline: float | None = None  # send_and_receive's, while it pushes
+        self._hung: dict[int, tuple[_Round, str]] = {}  # node -> the round it hangs in, and which call it was
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            mid = self.assign_id(msg)
-            self._replies[mid] = call_client(self.client_app, own_copy(msg), self.contexts[msg.metadata.dst_node_id])
-            ids.append(mid)
-        return ids
+        """Run the clients now: under ``send_and_receive``'s deadline (the watchdog), or, pushed
+        alone (no deadline), each in the caller's thread."""
+        return self._deliver(messages, self._deadline)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(mid) for mid in message_ids if mid in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        # Through push_messages, as Flower's own Grids do (a wrapper or a test hooking it sees every message).
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            ids = self.push_messages(messages)
+        finally:
+            self._deadline = None
+        return self.pull_messages(ids)
+
+    def _deliver(self, messages: Iterable[Message], deadline: float | None) -> list[str]:
+        for node in [n for n, (work, _) in self._hung.items() if work.done()]:
+            del self._hung[node]  # its late call returned; what it produced is dropped
+        ids, jobs = [], []
+        for msg in messages:
+            mid = self.assign_id(msg)
+            ids.append(mid)
+            node = msg.metadata.dst_node_id
+            if node in self._hung:
+                self._replies[mid] = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=(
+                    f"timeout: node busy: its call of {self._hung[node][1]} exceeded engine.timeout_s "
+                    "and has not returned yet (inline cannot stop a running client)")), reply_to=msg)
+            elif deadline is None:
+                self._replies[mid] = call_client(self.client_app, own_copy(msg), self.contexts[node])
+            else:
+                jobs.append((mid, own_copy(msg), context_copy(self.contexts[node])))
+        if jobs:
+            self._watch(_Round(self.client_app, jobs), deadline)
+        return ids
+
+    def _watch(self, work: _Round, deadline: float) -> None:
+        """Run a round's calls on the worker thread, waiting for them until ``deadline``."""
+        if self._thread is None:
+            self._thread = _ClientThread()
+            self._retire = weakref.finalize(self, self._thread.retire)
+        self._thread.submit(work)
+        try:
+            finished = work.wait(max(0.0, deadline - time.monotonic()))
+        except BaseException:  # Ctrl-C while waiting: the clients not yet run must not run on behind it
+            work.give_up()
+            raise
+        if not finished:  # a call hung, or the round ran out of time
+            running = work.give_up()
+            if running is not None:
+                self._hung[running.metadata.dst_node_id] = (work, _which_call(running))
+            self._retire()  # that thread exits once the running call returns; the next round gets a new one
+            self._thread = self._retire = None
+        elif work.error is not None:
+            raise work.error
+        for mid, (reply, context) in work.results.items():  # only calls that returned in time
+            self.contexts[context.node_id] = context
+            self._replies[mid] = reply

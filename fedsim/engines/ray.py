@@ -17,10 +17,34 @@ SuperLink would to long-lived actors, each hosting the unchanged ClientApp.
   Ray starts, and puts it in Ray's object store; every actor adopts it, so no worker
   process loads or partitions data (or pays for importing the libraries that do).
 - A ClientApp exception becomes an error reply inside the actor (``call_client``); an
-  actor that dies (segfault, ``os._exit``, OOM kill) is replaced by a fresh one and its
-  batch is sent again one message per call, so the message that kills an actor gets an
-  error reply and no other node loses its round. (Not Ray's own actor restart: a call
-  sent before Ray notices the death would fail too.)
+  actor that dies (segfault, ``os._exit``, OOM kill) is always replaced by a fresh one and
+  its batch is sent again one message per call, so the message that kills an actor gets an
+  error reply and no other node loses its round. An actor that dies in its own start-up
+  (``setup`` raising, say) fails its batch with that reason at once: every round it is
+  tried again, and a run whose every client fails stops after three rounds
+  (``FailureWatch``). (Not Ray's own actor restart: a call sent before Ray notices the
+  death would fail too.)
+- The round's timeout (``engine.timeout_s``, ``send_and_receive(timeout=)``): when it
+  passes, each call still running is given up: the replies its actor finished so far are
+  kept (the actor answers ``finished`` on a second thread), the actor is killed and
+  replaced, its nodes are free again and its unfinished messages, like those never
+  dispatched, get no reply (``rounds.py`` records ``timeout``). A hung client, an actor
+  that never got scheduled or a timeout too short for the work all end that way; the next
+  round starts with every node and an idle pool, and nothing from a given-up call (its
+  reply, its Context) ever reaches the Grid. Starting actors (round 1's pool, replacements)
+  don't eat the clients' time: the round's clock starts once they are up, or after
+  ``ACTOR_START_S`` (30 s) if one never comes up. A node whose call killed its actor runs
+  alone until it answers again, so it takes no batchmates down with it.
+- Where: ``engine.ray.address`` unset starts a private, loopback-only instance
+  (``start_local_ray``) and never joins a cluster, whatever ``RAY_ADDRESS`` says;
+  ``HOST:PORT`` joins the cluster whose head (GCS) listens there, ``auto`` the one
+  ``RAY_ADDRESS`` names or ``ray start`` started on this machine. Before joining, the
+  address is asked for its cluster id with a 3-second deadline (``check_ray_address``):
+  an address that is malformed (scenario validation), refuses, stays silent or is no Ray
+  head is one line and exit 2 within seconds, where ``ray.init`` would retry for minutes.
+  A process already connected to Ray (a sweep's run) keeps that connection.
+- A client actor that no node could host (``num_cpus_per_client`` above every node's
+  CPUs) is refused before round 1, exit 2; it would wait unscheduled forever.
 
 Message and Context pickle as they are (Flower's own Ray backend ships them the same
 way); a reply is built from its instruction (``Message(..., reply_to=msg)``), which needs
@@ -32,6 +56,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import threading
 import time
 import warnings
 from collections import deque
@@ -44,31 +70,65 @@ from flwr.common.constant import ErrorCode
 from ..scenario import RayConfig, ScenarioError
 from .inline import SimulatedNodesGrid, call_client
 
-# Dead actors are replaced at most this many times per pool slot; past that (an actor that
-# cannot even start, say) their messages just fail.
-REPLACEMENTS_PER_ACTOR = 4
+# How long a given-up call's actor may take to say what it finished before it is killed (a client
+# holding the GIL in one long C call cannot answer; then nothing of its batch is kept).
+FINISHED_WAIT_S = 1.0
+# How long a round waits for actors still starting before its clock starts anyway (at least; or
+# engine.timeout_s if longer): a worker process importing torch and Flower took 4-8 s on a loaded
+# 2-core machine, and one that cannot be scheduled (a cluster busy with other jobs) never starts.
+ACTOR_START_S = 30.0
+# The deadline for asking a Ray address for its cluster id before joining it.
+CONNECT_TIMEOUT_S = 3.0
 
 
 class ClientAppActor:
     """Hosts one ClientApp in one worker process; turned into a Ray actor by ``RayGrid``."""
 
-    def __init__(self, client_app: ClientApp, torch_threads: int, setup: Callable[[], None] | None):
+    def __init__(self, client_app: ClientApp, torch_threads: int, setup: Callable[[], None] | None,
+                 await_world: bool = False):
+        if setup is not None:  # first: an actor that cannot start says so before paying for torch
+            setup()
         import torch
 
         torch.set_num_threads(torch_threads)
         logging.getLogger("flwr").setLevel(logging.ERROR)  # failures come back as error replies
-        if setup is not None:
-            setup()
         self.client_app = client_app
+        # The actor runs two threads (max_concurrency=2) so that ``finished`` can answer while
+        # ``run`` is busy; Ray then no longer promises to run ``adopt`` before ``run``, so a run
+        # waits for the world when one was announced.
+        self._world = threading.Event()
+        if not await_world:
+            self._world.set()
+        self._world_error: BaseException | None = None
+        self._finished: list[tuple[Message, Context]] = []
 
     def adopt(self, scenario_yaml: str, world) -> None:
         """Take the driver's world (from the object store) instead of building one here."""
         from ..world import adopt_world
 
-        adopt_world(scenario_yaml, world)
+        try:
+            adopt_world(scenario_yaml, world)
+        except BaseException as exc:  # noqa: BLE001 - the waiting run raises it (an error reply per message)
+            self._world_error = exc
+        finally:
+            self._world.set()
 
     def run(self, calls: list[tuple[Message, Context]]) -> list[tuple[Message, Context]]:
-        return [(call_client(self.client_app, msg, context), context) for msg, context in calls]
+        self._world.wait()
+        self._finished = done = []  # a fresh list per call: ``finished`` never mixes two calls
+        for msg, context in calls:
+            if self._world_error is not None:
+                error = Error(code=ErrorCode.CLIENT_APP_CRASHED,
+                              reason=f"ClientApp actor has no data: {type(self._world_error).__name__}: "
+                                     f"{self._world_error}")
+                done.append((Message(error, reply_to=msg), None))
+            else:
+                done.append((call_client(self.client_app, msg, context), context))
+        return done
+
+    def finished(self) -> list[tuple[Message, Context]]:
+        """What the running (or last) call has finished so far, for a batch the driver gives up on."""
+        return list(self._finished)
 
 
 class _Runner:
@@ -101,6 +161,16 @@ class RayActorExecutor:
         import ray
 
         ray.kill(self._actor, no_restart=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (Ray's carry tracebacks and actor details)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _audits(scenario_yaml: str | None) -> bool:
@@ -169,6 +239,81 @@ def stop_local_ray() -> None:
     ray.shutdown()
 
 
+def _bootstrap_address(address: str) -> str:
+    """The host:port ``ray.init(address=address)`` would connect to (``auto``: RAY_ADDRESS, or the
+    cluster ``ray start`` left on this machine; loopback names become the node's address unless
+    Ray is bound to loopback). Ray-internal; if it moves, the address as given."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return address
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception as exc:  # noqa: BLE001 - Ray's own parse of an address validation let through
+        raise ScenarioError(f"engine.ray.address: {address!r}: {str(exc).splitlines()[0]}") from None
+    if resolved is None:  # only for auto: nothing in the environment names a cluster
+        raise ScenarioError("engine.ray.address: auto found no running Ray cluster (RAY_ADDRESS is unset and "
+                            "no `ray start` cluster runs on this machine)")
+    return resolved
+
+
+def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str:
+    """Ask the Ray head at ``address`` for its cluster id, within ``timeout`` seconds; returns the
+    host:port Ray will join, or raises ScenarioError (one line) saying why it cannot be joined.
+
+    ``ray.init`` retries an address that refuses or stays silent for minutes (measured: 70 s and
+    still retrying for 127.0.0.1:1), so the run would hang before round 1. The cluster-id query is
+    the first thing Ray's own connect does, here as one gRPC call with a deadline (no proxy). With
+    ``RAY_USE_TLS`` the head speaks TLS and the query cannot be made in the clear: a TCP connect
+    within the deadline is all that is checked.
+    """
+    target = _bootstrap_address(address)
+    shown = address if target == address else f"{address} ({target})"
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except OSError as exc:
+            raise ScenarioError(f"engine.ray.address: cannot reach a Ray cluster at {shown}: {exc}") from None
+        return target
+
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return target  # a Ray head that wants a token: ray.init brings it (RAY_AUTH_TOKEN ...)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            why = f"no answer within {timeout:g} s"
+        elif code == grpc.StatusCode.UNIMPLEMENTED:
+            why = "something answers there, but not a Ray head (its GCS port, e.g. 6379)"
+        else:
+            why = (exc.details() or code.name).splitlines()[0]
+        raise ScenarioError(f"engine.ray.address: cannot reach a Ray cluster at {shown}: {why}") from None
+    finally:
+        channel.close()
+    return target
+
+
+def join_ray(address: str) -> None:
+    """Connect this process to the Ray cluster at ``address`` (checked first: see ``check_ray_address``)."""
+    import ray
+
+    check_ray_address(address)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # e.g. a Ray or Python version mismatch
+            raise ScenarioError(f"engine.ray.address: cannot join the Ray cluster at {address}: "
+                                f"{str(exc).strip().splitlines()[0]}") from None
+
+
 class RayGrid(SimulatedNodesGrid):
     """A Grid whose nodes are served by a pool of Ray actors. Use as a context manager."""
 
@@ -183,13 +328,15 @@ class RayGrid(SimulatedNodesGrid):
         self.config = config or RayConfig()
         self.client_app, self.torch_threads, self.setup = client_app, torch_threads, setup
         super().__init__(num_nodes, run_config, run_id)
-        self._started_ray = False
+        self._started_ray = self._joined_ray = False
         self.actors: list = []
         self._free: deque = deque()
         self._pending: deque[tuple[str, Message]] = deque()
         self._in_flight: dict = {}  # ObjectRef -> (actor, [(message id, message), ...])
         self._alone: set[str] = set()  # ids of messages that were in a batch whose actor died
+        self._lethal: set[int] = set()  # nodes whose last call killed its actor: they run alone
         self._busy_nodes: set[int] = set()
+        self._starting: dict = {}  # ObjectRef of __ray_ready__ -> an actor that is still starting
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "RayGrid":
@@ -208,17 +355,24 @@ class RayGrid(SimulatedNodesGrid):
             world_job = pool.submit(checked_world, scenario_yaml)
             pool.shutdown(wait=False)
         if cfg.address is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                ray.init(address=cfg.address, log_to_driver=False, logging_level=logging.WARNING,
-                         ignore_reinit_error=True)
+            if ray.is_initialized():  # e.g. a sweep's run, already inside the cluster: stay there
+                check_ray_address(cfg.address)
+            else:
+                join_ray(cfg.address)
+                self._joined_ray = True
         elif not ray.is_initialized():
             # An explicit num_actors is honoured even beyond the cores (oversubscribed).
             needed = math.ceil(wanted * cfg.num_cpus_per_client)
             start_local_ray(max(os.cpu_count() or 1, needed))
             self._started_ray = True
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        fits = max(1, int(cpus // cfg.num_cpus_per_client))
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        # An actor runs on one node: what counts is each node's CPUs, not the cluster's sum.
+        node_cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [cpus]
+        fits = sum(int(c // cfg.num_cpus_per_client + 1e-9) for c in node_cpus)
+        if fits == 0:
+            self.__exit__(None, None, None)
+            raise ScenarioError(f"engine.ray.num_cpus_per_client: {cfg.num_cpus_per_client:g} CPUs per client actor, "
+                                f"but the largest Ray node has {max(node_cpus):g}: no client could ever run")
         if wanted > fits:
             self.__exit__(None, None, None)
             raise ScenarioError(f"engine.ray.num_actors: {wanted} actors need {wanted * cfg.num_cpus_per_client:g} "
@@ -229,7 +383,9 @@ class RayGrid(SimulatedNodesGrid):
             # (benchmarks/audit.py, 2 cores: 17.7 s with 1 client actor, 26.5 s with 2).
             fits -= 1
         size = max(1, min(wanted or fits, len(self.contexts)))
-        self._actor_cls = ray.remote(ClientAppActor).options(num_cpus=cfg.num_cpus_per_client)
+        # Two threads: ``run`` and, when the driver gives a call up, ``finished`` (see the class).
+        self._actor_cls = ray.remote(ClientAppActor).options(num_cpus=cfg.num_cpus_per_client, max_concurrency=2)
+        self._await_world = world_job is not None
         self._world_args: tuple = ()
         # Created asynchronously: the actors import torch and Flower while the server sets up.
         self.actors = [self._new_actor() for _ in range(size)]
@@ -240,24 +396,30 @@ class RayGrid(SimulatedNodesGrid):
                 self.__exit__(None, None, None)
                 raise
             for actor in self.actors:
-                actor.adopt.remote(*self._world_args)
+                self._adopt(actor)
         self._free = deque(self.actors)
-        self._replacements_left = REPLACEMENTS_PER_ACTOR * size
         return self
 
     def _new_actor(self):
-        actor = self._actor_cls.remote(self.client_app, self.torch_threads, self.setup)
+        actor = self._actor_cls.remote(self.client_app, self.torch_threads, self.setup, self._await_world)
+        self._starting[actor.__ray_ready__.remote()] = actor
         if self._world_args:
-            actor.adopt.remote(*self._world_args)
+            self._adopt(actor)
         return actor
 
+    def _adopt(self, actor) -> None:
+        """Hand ``actor`` the world; it is up (see ``_starting``) once it has taken it."""
+        done = actor.adopt.remote(*self._world_args)
+        self._starting = {ref: a for ref, a in self._starting.items() if a is not actor}
+        self._starting[done] = actor
+
     def _replace(self, dead):
+        """A fresh actor in ``dead``'s place, always: a pool never keeps a dead actor (an actor that
+        cannot start fails its messages with the reason; FailureWatch stops a run that never trains)."""
         import ray
 
-        if self._replacements_left <= 0:
-            return dead
-        self._replacements_left -= 1
         ray.kill(dead, no_restart=True)
+        self._starting = {ref: actor for ref, actor in self._starting.items() if actor is not dead}
         fresh = self._new_actor()
         self.actors[self.actors.index(dead)] = fresh
         return fresh
@@ -267,10 +429,13 @@ class RayGrid(SimulatedNodesGrid):
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors, self._in_flight = [], {}
+        self.actors, self._in_flight, self._starting = [], {}, {}
         if self._started_ray:
             stop_local_ray()
             self._started_ray = False
+        elif self._joined_ray:  # only this driver's connection; the cluster runs on
+            ray.shutdown()
+            self._joined_ray = False
 
     def audit_executor(self) -> RayActorExecutor:
         """Where the privacy audit's attacks run: a Ray actor beside the clients' actors, on a CPU of
@@ -296,15 +461,71 @@ class RayGrid(SimulatedNodesGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         ids = list(self.push_messages(messages))
+        if timeout is not None and self._starting:
+            # Actors still starting (round 1's pool, replacements) do not eat the clients' time: the
+            # round's clock starts once they are up (calls already run on those that are), or after
+            # ACTOR_START_S if one never comes up (it cannot be scheduled: its calls then time out).
+            import ray
+
+            ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting),
+                                timeout=max(timeout, ACTOR_START_S))
+            for ref in ready:
+                del self._starting[ref]
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._in_flight and not all(mid in self._replies for mid in ids):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
             self._collect(timeout=left)
+        missing = {mid for mid in ids if mid not in self._replies}
+        if missing:  # the deadline passed (or nothing can run them): give them up
+            self._collect(timeout=0)
+            self._give_up({mid for mid in missing if mid not in self._replies})
         return self.pull_messages(ids)
 
     # ------------------------------------------------------------------ the pool
+    def _give_up(self, ids: set[str]) -> None:
+        """Abandon the messages ``ids``: those waiting are dropped; each call serving one is asked
+        for what it finished (kept), then its actor is killed and replaced and its nodes freed.
+        Nothing else of an abandoned call is ever read, so a late reply can't land in a later
+        round and a late Context can't overwrite a newer one. Messages of other pushes that
+        shared an abandoned call are sent again."""
+        import ray
+
+        if not ids:
+            return
+        self._pending = deque((mid, msg) for mid, msg in self._pending if mid not in ids)
+        self._alone -= ids
+        stuck = {ref: entry for ref, entry in self._in_flight.items() if any(mid in ids for mid, _ in entry[1])}
+        if not stuck:
+            return
+        asks = {ref: actor.finished.remote() for ref, (actor, _) in stuck.items()}
+        ready, _ = ray.wait(list(asks.values()), num_returns=len(asks), timeout=FINISHED_WAIT_S)
+        ready = set(ready)
+        retry = []
+        for ref, (actor, batch) in stuck.items():
+            del self._in_flight[ref]
+            finished = []
+            if asks[ref] in ready:
+                try:
+                    finished = ray.get(asks[ref])
+                except ray.exceptions.RayError:  # died meanwhile: nothing of it is kept
+                    finished = []
+            if len(finished) > len(batch):  # not this call's list (cannot happen: one call at a time)
+                finished = []
+            for (mid, msg), (reply, context) in zip(batch, finished):
+                if context is not None:
+                    self.contexts[msg.metadata.dst_node_id] = context
+                self._replies[mid] = reply
+            for mid, msg in batch:
+                self._busy_nodes.discard(msg.metadata.dst_node_id)
+                self._alone.discard(mid)
+                if mid not in self._replies and mid not in ids:
+                    retry.append((mid, msg))
+            self._free.append(self._replace(actor))
+        self._pending.extendleft(reversed(retry))
+        self._dispatch()
+
     def _dispatch(self) -> None:
         """Give every free actor its share of the pending messages whose nodes are not busy."""
         while self._free and self._pending:
@@ -313,12 +534,13 @@ class RayGrid(SimulatedNodesGrid):
             while self._pending and len(batch) < share:
                 mid, msg = self._pending.popleft()
                 node = msg.metadata.dst_node_id
-                if node in self._busy_nodes or (batch and mid in self._alone):
+                alone = mid in self._alone or node in self._lethal
+                if node in self._busy_nodes or (batch and alone):
                     skipped.append((mid, msg))
                     continue
                 batch.append((mid, msg))
                 self._busy_nodes.add(node)
-                if mid in self._alone:
+                if alone:
                     break
             self._pending.extendleft(reversed(skipped))
             if not batch:
@@ -341,23 +563,37 @@ class RayGrid(SimulatedNodesGrid):
             actor, batch = self._in_flight.pop(ref)
             try:
                 results = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:  # the actor process died during this call
+            except ray.exceptions.RayActorError as exc:  # the actor process died during (or before) this call
                 self._free.append(self._replace(actor))
                 for _, msg in batch:
                     self._busy_nodes.discard(msg.metadata.dst_node_id)
-                if len(batch) > 1:  # which one killed it is unknown: run each alone
+                init_failed = getattr(exc, "actor_init_failed", False)
+                if len(batch) > 1 and not init_failed:  # which one killed it is unknown: run each alone
                     self._alone.update(mid for mid, _ in batch)
                     self._pending.extendleft(reversed(batch))
                     continue
-                (mid, msg), = batch
-                reason = f"ClientApp actor died: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                results = [(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg), None)]
+                # One message that killed its actor, or an actor that never started (no message
+                # is to blame, and a fresh actor would die the same way): each fails with the reason.
+                if not init_failed:  # next time that node runs alone: it takes no batchmates down
+                    self._lethal.add(batch[0][1].metadata.dst_node_id)
+                if init_failed:  # Ray's text ends with the start-up's own exception line
+                    reason = f"ClientApp actor could not start: {_last_line(exc)}"
+                else:
+                    reason = f"ClientApp actor died: {type(exc).__name__}: {_first_line(exc)}"
+                results = [(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg), None)
+                           for _, msg in batch]
+            except ray.exceptions.RayError as exc:  # the call itself failed (e.g. a Context that won't unpickle)
+                self._free.append(actor)
+                reason = f"ClientApp call failed: {type(exc).__name__}: {_first_line(exc)}"
+                results = [(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg), None)
+                           for _, msg in batch]
             else:
                 self._free.append(actor)
             for (mid, msg), (reply, context) in zip(batch, results):
                 node = msg.metadata.dst_node_id
                 if context is not None:
                     self.contexts[node] = context
+                    self._lethal.discard(node)
                 self._replies[mid] = reply
                 self._busy_nodes.discard(node)
                 self._alone.discard(mid)

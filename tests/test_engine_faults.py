@@ -1,0 +1,274 @@
+"""The fault suite (issue 13): dead actors, hung clients, runs where every client fails, and
+where the ray engine may run (a bad or unreachable address, a client no node can host).
+
+One Ray instance (2 CPUs, module fixture) serves the ray runs here. The faulty clients are
+plug-in strategies that reach the actors through ``RayGrid(setup=...)``, as in
+tests/test_engine_ray.py. Only 127.0.0.1 is ever contacted.
+
+(All clients failing through the CLI, exit 1 with the reason printed, is
+tests/test_engine_inline.py's lr-overflow test; here it is actors that cannot start.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+
+import pytest
+import yaml
+from flwr.app import ConfigRecord
+
+from fedsim.apps import server_app
+from fedsim.engines import RUN_ID, server_context
+from fedsim.engines.identity import enter_server_identity
+from fedsim.engines.inline import NODE_ID_BASE, InlineGrid
+from fedsim.observers import AllClientsFailed
+from fedsim.results import read_metrics
+from strategies import ClientAlgorithm, StrategySpec, Upload, register_strategy
+from strategies.base import NoParams
+from strategies.fedavg import FedAvgStrategy
+from tests import fault_hooks
+from tests.conftest import small_raw
+
+ray = pytest.importorskip("ray")
+
+KILLER, HUNG, HANG_ROUND = 0, 3, 2  # partition ids; the round in which HUNG hangs
+RELEASE = threading.Event()  # inline: the server lets the hung client go
+HUNG_THREADS: list[threading.Thread] = []  # inline: the thread the hung client hangs in
+
+
+class CountingClient(ClientAlgorithm):
+    """FedAvg's local SGD that counts its calls in Context.state; subclasses misbehave first."""
+
+    def count(self, job) -> None:
+        state = job.state
+        calls = int(state["probe"]["calls"]) if "probe" in state else 0
+        state["probe"] = ConfigRecord({"calls": calls + 1})
+
+    def misbehave(self, job) -> None:
+        pass
+
+    def train(self, job) -> Upload:
+        self.count(job)
+        self.misbehave(job)
+        trainer = job.trainer()
+        trainer.run()
+        return job.upload(trainer)
+
+
+class KillerClient(CountingClient):
+    def misbehave(self, job) -> None:
+        if job.data.partition_id == KILLER:
+            os._exit(3)  # its actor's process dies, as on a segfault or an OOM kill
+
+
+class SleepingClient(CountingClient):
+    """Hangs in HANG_ROUND (on ray, where its actor is killed long before it would wake)."""
+
+    def misbehave(self, job) -> None:
+        if job.data.partition_id == HUNG and job.settings.server_round == HANG_ROUND:
+            time.sleep(120)
+
+
+class WaitingClient(CountingClient):
+    """Hangs in HANG_ROUND until the server (ReleasingFedAvg, same process: inline) lets it go,
+    then changes its Context, as a late call may: the Grid must never see that."""
+
+    def misbehave(self, job) -> None:
+        if job.data.partition_id == HUNG and job.settings.server_round == HANG_ROUND:
+            HUNG_THREADS.append(threading.current_thread())
+            RELEASE.wait(60)
+            self.count(job)
+
+
+class ReleasingFedAvg(FedAvgStrategy):
+    """Lets the hung inline client go in round HANG_ROUND + 1 and waits until its thread has ended."""
+
+    def aggregate_train(self, server_round, replies):
+        if server_round == HANG_ROUND + 1 and HUNG_THREADS:
+            RELEASE.set()
+            HUNG_THREADS[0].join(30)
+            assert not HUNG_THREADS[0].is_alive()
+        return super().aggregate_train(server_round, replies)
+
+
+def register_faulty() -> None:
+    for name, client, server in (("killer", KillerClient, FedAvgStrategy), ("sleeper", SleepingClient, FedAvgStrategy),
+                                 ("waiter", WaitingClient, ReleasingFedAvg)):
+        register_strategy(StrategySpec(name=f"faults-{name}", params=NoParams, client=client,
+                                       server=lambda params, settings, server=server: server(settings)))
+
+
+register_faulty()  # in the driver; RayGrid(setup=register_faulty) does it in each actor
+
+
+def _run(grid_factory, scenario, out_dir) -> dict[int, int]:
+    """Run ``scenario`` on the Grid ``grid_factory(client_config)`` makes; returns each partition's
+    call count as its Context in the Grid says."""
+    enter_server_identity(RUN_ID)
+    context = server_context(scenario, out_dir, progress=False)
+    client_config = {"scenario-yaml": context.run_config["scenario-yaml"]}
+    grid = grid_factory(client_config)
+    with grid if hasattr(grid, "__enter__") else contextlib.nullcontext():
+        server_app(grid, context)
+        return {node - NODE_ID_BASE: int(ctx.state["probe"]["calls"]) if "probe" in ctx.state else 0
+                for node, ctx in grid.contexts.items()}
+
+
+def _ray_grid(scenario, **ray_config):
+    from fedsim.engines.ray import RayGrid
+
+    def make(client_config, setup=register_faulty, client_app=None):
+        return RayGrid(scenario.data.num_clients, client_config, scenario.engine.ray.model_copy(update=ray_config),
+                       RUN_ID, setup=setup, client_app=client_app)
+    return make
+
+
+def _main(tmp_path, capsys, **overrides):
+    """The CLI on a small ray scenario: (exit code, stderr lines, seconds, output dir)."""
+    from fedsim.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(small_raw(engine__name="ray", **overrides)))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    code = main([str(path), "--out", str(out)])
+    return code, capsys.readouterr().err.strip().splitlines(), time.monotonic() - started, out
+
+
+# ---------------------------------------------------------------------------- where ray runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def loopback():
+    """Ray's address canonicalisation keeps 127.0.0.1 (not the machine's address) under this switch."""
+    from fedsim.engines.ray import bind_ray_to_loopback
+
+    bind_ray_to_loopback()
+
+
+def test_a_malformed_ray_address_is_one_line_exit_2(tmp_path, capsys):
+    code, err, _, out = _main(tmp_path, capsys, engine__ray={"address": "head.example:port"})
+    assert code == 2 and len(err) == 1 and err[0].startswith("fedsim: error: engine.ray.address:"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["refused", "silent"])
+def test_an_unreachable_ray_address_is_one_line_exit_2_within_seconds(loopback, tmp_path, capsys, listening):
+    """Refused at once; a port that accepts but never answers after the 3 s deadline (ray.init
+    would retry both for minutes)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        if listening:
+            server.listen()
+        port = server.getsockname()[1]
+        code, err, took, out = _main(tmp_path, capsys, engine__ray={"address": f"127.0.0.1:{port}"})
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"fedsim: error: engine.ray.address: cannot reach a Ray cluster at 127.0.0.1:{port}")
+    assert took < 15, took  # imports and the data included; the address itself: <= 3 s
+    assert not out.exists()
+
+
+def test_auto_joins_only_what_ray_address_names(loopback, tmp_path, capsys, monkeypatch):
+    port = _free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    code, err, _, _ = _main(tmp_path, capsys, engine__ray={"address": "auto"})
+    assert code == 2 and f"cannot reach a Ray cluster at auto (127.0.0.1:{port})" in err[0], err
+
+
+def test_the_address_check_passes_a_live_ray_head(local_ray):
+    import ray._private.worker as ray_worker
+
+    from fedsim.engines.ray import check_ray_address
+
+    address = ray_worker._global_node.gcs_address  # the module's own instance, on 127.0.0.1
+    assert address.startswith("127.0.0.1:") and check_ray_address(address) == address
+
+
+def test_a_client_no_node_can_host_is_refused_before_round_1(local_ray, tmp_path, capsys):
+    code, err, _, out = _main(tmp_path, capsys, engine__ray={"num_cpus_per_client": 3})  # cluster: 2 CPUs
+    assert code == 2 and err == ["fedsim: error: engine.ray.num_cpus_per_client: 3 CPUs per client actor, but the "
+                                 "largest Ray node has 2: no client could ever run"], err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- dead actors
+
+
+def test_ray_run_trains_on_when_an_actor_dies_every_round(local_ray, small_scenario, tmp_path):
+    """Partition KILLER kills its actor's process in each of 10 rounds: every round the dead
+    actor is replaced, KILLER fails with the reason and everyone else trains."""
+    rounds = 10
+    scenario = small_scenario(train__rounds=rounds, strategy={"name": "faults-killer"})
+    calls = _run(_ray_grid(scenario, num_actors=2), scenario, tmp_path)
+
+    rows = read_metrics(tmp_path)
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    assert all(r["participants"] == 3 and r["failures"] == 1 for r in rows), [(r["participants"], r["failures"])
+                                                                             for r in rows]
+    killer = str(NODE_ID_BASE + KILLER)
+    assert all(r["failure_reasons"][killer].startswith("ClientApp actor died: ") for r in rows)
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.1, [r["accuracy"] for r in rows]
+    assert calls == {KILLER: 0, 1: rounds, 2: rounds, 3: rounds}  # a dead call's Context is never kept
+
+
+def test_actors_that_cannot_start_fail_their_clients_and_the_run_stops(local_ray, small_scenario, tmp_path):
+    """The budget that once left dead actors in the pool: now every round gets fresh actors, each
+    client fails with the start-up's reason, and FailureWatch stops the run after 3 rounds."""
+    scenario = small_scenario(train__rounds=10)
+    make = _ray_grid(scenario, num_actors=1)
+    with pytest.raises(AllClientsFailed, match=r"rounds 1-3; stopping \(last reason: ClientApp actor could not "
+                                               r"start: .*RuntimeError: probe: this actor cannot start"):
+        _run(lambda config: make(config, setup=fault_hooks.cannot_start, client_app=fault_hooks.idle_app),
+             scenario, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["participants"] for r in rows] == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------- hung clients
+
+
+def _hung_rows(tmp_path, rounds):
+    rows = read_metrics(tmp_path)
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    return rows, str(NODE_ID_BASE + HUNG)
+
+
+def test_ray_gives_up_a_hung_call_and_the_node_is_back_next_round(local_ray, small_scenario, tmp_path):
+    rounds, timeout = 3, 4.0
+    scenario = small_scenario(train__rounds=rounds, strategy={"name": "faults-sleeper"}, engine={"timeout_s": timeout})
+    started = time.monotonic()
+    calls = _run(_ray_grid(scenario, num_actors=2), scenario, tmp_path)
+    rows, hung = _hung_rows(tmp_path, rounds)
+    assert time.monotonic() - started < 60
+    # HUNG shared its actor's batch with another client: that one's finished reply is kept.
+    assert [(r["participants"], r["failures"]) for r in rows] == [(4, 0), (3, 1), (4, 0)]
+    assert rows[1]["failure_reasons"] == {hung: f"timeout: no reply within engine.timeout_s ({timeout:g} s)"}
+    assert rows[1]["wall_s"] < timeout + 10
+    assert calls == {0: 3, 1: 3, 2: 3, HUNG: 2}  # the given-up call's Context never came back
+
+
+def test_inline_watchdog_times_a_hung_client_out_and_the_run_goes_on(small_scenario, tmp_path):
+    """Inline cannot stop the hung call: its node is busy (an error reply at once) until the call
+    returns, then trains again; what the late call did to its Context is dropped."""
+    RELEASE.clear(), HUNG_THREADS.clear()
+    rounds, timeout = 5, 1.5
+    scenario = small_scenario(train__rounds=rounds, strategy={"name": "faults-waiter"}, engine={"timeout_s": timeout})
+    from fedsim.apps import client_app
+
+    calls = _run(lambda config: InlineGrid(client_app, scenario.data.num_clients, config, RUN_ID), scenario, tmp_path)
+    rows, hung = _hung_rows(tmp_path, rounds)
+    assert [(r["participants"], r["failures"]) for r in rows] == [(4, 0), (3, 1), (3, 1), (4, 0), (4, 0)]
+    assert rows[1]["failure_reasons"] == {hung: f"timeout: no reply within engine.timeout_s ({timeout:g} s)"}
+    assert rows[2]["failure_reasons"][hung].startswith(f"timeout: node busy: its call of round {HANG_ROUND} ")
+    assert timeout <= rows[1]["wall_s"] < timeout + 2
+    assert calls == {0: rounds, 1: rounds, 2: rounds, HUNG: rounds - 2}  # the late call's +2 never landed
