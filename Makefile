@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# --overwrite: a second `make demo` replaces runs/quickstart/ (a plain run refuses a used folder)
 demo: $(VENV)/.installed
-	$(PY) -m fedsim experiments/scenarios/quickstart.yaml
+	$(PY) -m fedsim experiments/scenarios/quickstart.yaml --overwrite
 
 # A TLS SuperLink with SuperNode authentication and three SuperNodes on 127.0.0.1 (README "Deploy on real clients").
 deploy-demo: $(VENV)/.installed

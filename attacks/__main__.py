@@ -2,6 +2,11 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main  # imports torch: seconds in which Ctrl-C is as likely as anywhere
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:
+    print("python -m attacks: interrupted; no results written", file=sys.stderr)
+    code = 130
+sys.exit(code)

@@ -3,8 +3,9 @@
 Breaching's "case" (Geiping et al., NeurIPS 2020, ``breaching/cases``): this module
 plays the client, computes its gradient or its multi-step local-SGD update, and wraps
 that as an :class:`~attacks.observation.Observation`, keeping the ground truth (batch,
-labels, dropout masks) apart so that only the scorer sees it. It is the only module of
-the package that imports fedsim (its leaf model zoo and data sets).
+labels, dropout masks) apart so that only the scorer sees it. Besides the command line
+(``attacks.cli``: fedsim's output folder and YAML loader), it is the only module of the
+package that imports fedsim (its leaf model zoo, data sets and memory check).
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def build_case(
 
     if threat not in ("gradient", "update"):
         raise ValueError("threat must be gradient or update")
+    _check_memory(model, dataset, image_size)
     data = load_dataset(dataset, seed=0, image_size=image_size)
+    if batch_size > len(data.y_train):
+        raise ValueError(f"batch_size {batch_size} is larger than the data set ({dataset}: "
+                         f"{len(data.y_train)} training images)")
     init = init or ("uniform" if model == "lenet" else "default")
     net = build_model(model, data.channels, data.image_size, data.num_classes,
                       dropout=dropout, init=init, seed=seed).eval()
@@ -90,3 +95,17 @@ def build_case(
         obs = Observation.from_update(net, delta, lr=lr, local_steps=local_steps,
                                       num_samples=batch_size, local_batch_size=b, **common)
     return VictimCase(obs, x, y, masks, model, dataset)
+
+
+def _check_memory(model: str, dataset: str, image_size: int | None) -> None:
+    """Refuse an image size whose data set or model cannot be allocated, before either is
+    (``fedsim.memory``: a lower bound, one line naming the setting)."""
+    from fedsim import memory
+    from fedsim.data import nominal_shape
+
+    n, c, side = nominal_shape(dataset, image_size=image_size)
+    key = "image_size" if image_size else "dataset"
+    memory.check_fits([
+        (key, memory.data_bytes(n, c, side), f"the data set ({n} images of {c}x{side}x{side})"),
+        (key, memory.model_bytes(memory.model_parameters(model, c, side, 10, (256,))), f"the {model} model"),
+    ])

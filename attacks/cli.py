@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-tol", type=_nonneg_float, help="relative improvement that counts for --stop-patience")
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--out", help="output folder (default runs/attacks/<attack>-<model>-<dataset>-b<B>-s<S>)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the results of an earlier attack in the output folder (cleared first)")
     return p
 
 
 DEFAULTS = dict(attack="dlg", model="lenet", dataset="digits", batch_size=1, seed=0, threat="gradient",
                 local_steps=1, local_lr=0.1, local_batch_size=None, dropout=0.0, image_size=None,
                 init=None, labels_known=False, true_masks=False, iterations=None, restarts=None,
-                stop_patience=None, stop_tol=None, threads=None, out=None, attack_config={})
+                stop_patience=None, stop_tol=None, threads=None, out=None, overwrite=False, attack_config={})
 
 
 def resolve(argv: list[str] | None) -> dict:
@@ -114,10 +116,14 @@ def resolve(argv: list[str] | None) -> dict:
     if args.config:
         import yaml
 
+        from fedsim import strict_yaml
+
         try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"cannot read config {args.config}: {str(exc).splitlines()[0]}")
+            loaded = strict_yaml.load(Path(args.config).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:  # duplicate keys and alias bombs included (fedsim.strict_yaml)
+            raise UsageError(f"config {args.config}: {strict_yaml.describe(exc)}")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read config {args.config}: {(str(exc).splitlines() or [''])[0][:200]}")
         if not isinstance(loaded, dict):
             raise UsageError(f"config {args.config} must be a mapping")
         flat: list[str] = []
@@ -152,6 +158,16 @@ def resolve(argv: list[str] | None) -> dict:
     if settings["out"] is None:
         s = settings
         settings["out"] = f"runs/attacks/{s['attack']}-{s['model']}-{s['dataset']}-b{s['batch_size']}-s{s['seed']}"
+    try:  # the attack's own settings, before any work (the dropout masks it may get come with the case)
+        ATTACKS[settings["attack"]](**attack_config(settings, None))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"attack_config: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")
+    from fedsim.outdir import OutputDirError, check_output_dir
+
+    try:  # the output folder too: found unusable now, not after the attack ran
+        check_output_dir(settings["out"], overwrite=settings["overwrite"])
+    except OutputDirError as exc:
+        raise UsageError(f"output folder {exc}")
     return settings
 
 
@@ -162,7 +178,7 @@ def attack_config(settings: dict, case) -> dict:
     for key in ("restarts", "stop_patience", "stop_tol"):
         if settings[key] is not None:
             cfg[key] = settings[key]
-    if settings["true_masks"]:
+    if settings["true_masks"] and case is not None:
         cfg["dropout_masks"] = case.masks
     cfg.update(settings["attack_config"])
     return cfg
@@ -219,10 +235,16 @@ def run(settings: dict) -> dict:
                       dropout=settings["dropout"], image_size=settings["image_size"],
                       init=settings["init"], labels_known=settings["labels_known"])
     attack = build_attack(settings["attack"], **attack_config(settings, case))
+    from fedsim.outdir import claim_output_dir
+
+    # Held from before the attack until its results are written: no other run writes here meanwhile.
+    with claim_output_dir(settings["out"], overwrite=settings["overwrite"]) as out:
+        return _attack_and_write(settings, case, attack, out)
+
+
+def _attack_and_write(settings: dict, case, attack, out: Path) -> dict:
     rec = attack.reconstruct(case.observation)
     scores = evaluate(rec.images, case.images, rec.hard_labels(), case.labels)
-    out = Path(settings["out"])
-    out.mkdir(parents=True, exist_ok=True)
     order = torch.as_tensor(scores["matching"])
     save_grid(out / "reconstruction.png", case.images, rec.images[order])
     psnr_v = scores["psnr"]
@@ -231,13 +253,13 @@ def run(settings: dict) -> dict:
         "batch_size": settings["batch_size"], "seed": settings["seed"], "threat": settings["threat"],
         "local_steps": settings["local_steps"], "dropout": settings["dropout"],
         "psnr": psnr_v, "psnr_max": scores["psnr_max"] if np.isfinite(scores["psnr_max"]) else None,
-        "ssim": scores["ssim"], "label_accuracy": scores["label_accuracy"],
+        "ssim": scores["ssim"], "cw_ssim": scores["cw_ssim"], "label_accuracy": scores["label_accuracy"],
         "success_rate": scores["success_rate"], "success_threshold_db": 20.0,
         "lpips": scores["lpips"], "iterations": rec.iterations, "stopped": rec.stopped, "restarts": rec.restarts,
         "wall_s": rec.wall_s, "final_loss": rec.loss_trace[-1] if rec.loss_trace else None,
         "true_labels": case.labels.tolist(),
         "recovered_labels": None if rec.hard_labels() is None else rec.hard_labels().tolist(),
-        "settings": {k: v for k, v in settings.items() if k != "attack_config"} | {
+        "settings": {k: v for k, v in settings.items() if k not in ("attack_config", "overwrite")} | {
             "attack_config": settings["attack_config"]},
     }
     results = json.loads(json.dumps(results, default=float).replace("NaN", "null").replace("Infinity", "null"))
@@ -249,14 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve(argv)
         results = run(settings)
-    except UsageError as exc:
-        print(f"python -m attacks: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("python -m attacks: interrupted; no results written", file=sys.stderr)
+        return 130
+    except UsageError as exc:  # argparse echoes arguments: one line, cut like every other message
+        print(f"python -m attacks: error: {(str(exc).splitlines() or [''])[0][:500]}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as exc:  # e.g. data set files missing, bad model size
-        print(f"python -m attacks: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+        print(f"python -m attacks: error: {str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__}",
               file=sys.stderr)
         return 2
     print(f"{results['attack']}: psnr {results['psnr']:.2f} dB, ssim {results['ssim']:.3f}, "
+          f"cw-ssim {results['cw_ssim']:.3f}, "
           f"label accuracy {results['label_accuracy']}, {results['iterations']} iterations "
           f"(stopped: {results['stopped']}), "
           f"{results['wall_s']:.1f} s -> {settings['out']}/results.json")

@@ -110,8 +110,9 @@ def measure(engine: str, actors: int | None, tmp: Path) -> dict[str, float]:
     for audit in (False, True):
         paths[audit] = tmp / f"{engine}-{actors}-{audit}.yaml"
         paths[audit].write_text(yaml.safe_dump(scenario(engine, actors, audit), sort_keys=False))
-    train, _ = spawn([sys.executable, "-m", "fedsim", str(paths[False]), "--quiet", "--out", str(tmp / "t")])
-    audited, _ = spawn([sys.executable, "-m", "fedsim", str(paths[True]), "--quiet", "--out", str(tmp / "a")])
+    # --overwrite: each repeat re-runs into the same folders (fedsim refuses a used folder otherwise)
+    train, _ = spawn([sys.executable, "-m", "fedsim", str(paths[False]), "--quiet", "--out", str(tmp / "t"), "--overwrite"])
+    audited, _ = spawn([sys.executable, "-m", "fedsim", str(paths[True]), "--quiet", "--out", str(tmp / "a"), "--overwrite"])
     _, out = spawn([sys.executable, __file__, "--child", str(paths[True])])
     alone = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
     rows = [json.loads(line) for line in (tmp / "a" / "audit.jsonl").read_text().splitlines()]

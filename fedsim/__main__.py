@@ -1,9 +1,13 @@
 import gc
 import sys
 
-from .cli import main
+try:
+    from .cli import main
 
-code = main()
+    code = main()
+except KeyboardInterrupt:  # the instants main() does not cover (its own start-up and run handlers do the rest)
+    print("fedsim: interrupted", file=sys.stderr)
+    code = 130
 # The process ends here. Shutting the interpreter down would garbage-collect every object
 # torch, Flower and the data libraries created (about a second, measured in
 # benchmarks/engine_overhead.py), though nothing among them is left to finalise: results

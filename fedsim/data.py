@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +50,24 @@ class ImageDataset:
     @property
     def image_size(self) -> int:
         return int(self.x_train.shape[2])
+
+
+# (samples, channels, side) of each data set as loaded (train and test; patches: _patches' defaults).
+_SHAPES = {"digits": (1797, 1, 8), "patches": (1200, 3, 32), "mnist": (70000, 1, 28), "cifar10": (60000, 3, 32)}
+
+
+def nominal_shape(name: str, *, image_size: int | None = None, synthetic_channels: int = 1,
+                  synthetic_size: int = 16, synthetic_train: int = 2000,
+                  synthetic_test: int = 500) -> tuple[int, int, int]:
+    """(samples, channels, side) of data set ``name`` once loaded, from the sizes alone: what
+    ``fedsim.memory`` checks before anything is loaded or allocated."""
+    if name == "synthetic":
+        n, c, side = synthetic_train + synthetic_test, synthetic_channels, synthetic_size
+    elif name in _SHAPES:
+        n, c, side = _SHAPES[name]
+    else:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    return n, c, image_size or side
 
 
 def load_dataset(
@@ -147,31 +166,56 @@ def _patches(seed: int, n_train: int = 1000, n_test: int = 200, side: int = 32) 
     return _make("patches", out, labels, np.arange(n_train, n), 10)
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte IDX file of ``ndim`` dimensions, gzipped or not; anything that is not
+    one (unreadable, a corrupt or truncated gzip stream, a bad header, too few or too many
+    values) is a DataError naming the file."""
     for candidate in (path, path.with_name(path.name + ".gz")):
         if candidate.exists():
             opener = gzip.open if candidate.suffix == ".gz" else open
-            with opener(candidate, "rb") as fh:
-                raw = fh.read()
+            try:
+                with opener(candidate, "rb") as fh:
+                    raw = fh.read()
+            except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut stream, EOFError
+                raise DataError(f"root: {candidate} cannot be read: {_reason(exc)}") from None
             break
     else:
         raise DataError(f"MNIST file not found: {path} (or {path.name}.gz)")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
+        raise DataError(f"root: {candidate} is not an unsigned-byte IDX file")
+    if raw[3] != ndim or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"root: {candidate} is not a {ndim}-dimensional IDX file (header says {raw[3]}, "
+                        f"{len(raw)} bytes)")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+        raise DataError(f"root: {candidate} is truncated or padded: its header says {int(np.prod(dims))} values, "
+                        f"it holds {data.size}")
     return data.reshape(dims)
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
+
+
+def _check_labels(where: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> None:
+    """Images and labels pair up one to one, and every label names a class: a mismatch
+    would otherwise pair images with the wrong labels, or fail mid-training."""
+    if len(images) != len(labels):
+        raise DataError(f"root: {where}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"root: {where}: labels must be 0..{classes - 1}, found {int(labels.min())}..{int(labels.max())}")
 
 
 def _mnist_local(root: Path) -> ImageDataset:
     base = root / "MNIST" / "raw" if (root / "MNIST" / "raw").is_dir() else root
     xs, ys = [], []
     for prefix in ("train", "t10k"):
-        xs.append(_read_idx(base / f"{prefix}-images-idx3-ubyte"))
-        ys.append(_read_idx(base / f"{prefix}-labels-idx1-ubyte"))
+        images = _read_idx(base / f"{prefix}-images-idx3-ubyte", 3)
+        labels = _read_idx(base / f"{prefix}-labels-idx1-ubyte", 1)
+        _check_labels(base / f"{prefix}-*-idx?-ubyte", images, labels, 10)
+        xs.append(images)
+        ys.append(labels)
     x = np.concatenate(xs).astype(np.float32)[:, None] / 255.0
     y = np.concatenate(ys).astype(np.int64)
     return _make("mnist", x, y, np.arange(len(ys[0]), len(y)), 10)
@@ -184,13 +228,18 @@ def _cifar10_local(root: Path) -> ImageDataset:
         path = base / batch
         if not path.exists():
             raise DataError(f"CIFAR-10 batch not found: {path}")
-        with open(path, "rb") as fh:
+        try:
+            fh = open(path, "rb")
+        except OSError as exc:
+            raise DataError(f"root: {path} cannot be read: {_reason(exc)}") from None
+        with fh:
             try:
                 d = pickle.load(fh, encoding="bytes")
                 xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                ys.append(np.asarray(d[b"labels"], dtype=np.int64))
-            except Exception as exc:  # corrupt pickle, missing keys
-                raise DataError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
+                ys.append(np.asarray(d[b"labels"], dtype=np.int64).reshape(-1))
+            except Exception as exc:  # corrupt or truncated pickle, missing keys, wrong sizes
+                raise DataError(f"root: {path} is not a CIFAR-10 python batch: {_reason(exc)}") from None
+        _check_labels(path, xs[-1], ys[-1], 10)
     x = np.concatenate(xs).astype(np.float32) / 255.0
     y = np.concatenate(ys)
     return _make("cifar10", x, y, np.arange(len(y) - len(ys[-1]), len(y)), 10)

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageDataset, load_dataset
+from . import memory
+from .data import ImageDataset, load_dataset, nominal_shape
+from .memory import MemoryRefused
 from .models import build_model
 from .partition import ClientSplit, partition_indices, train_val_split, val_count
 from .scenario import DataConfig, ModelConfig, Scenario, scenario_from_text
@@ -135,11 +137,33 @@ def checked_world(scenario_yaml: str) -> World:
     from .scenario import ScenarioError
 
     try:
+        check_memory(scenario_from_text(scenario_yaml))
         return world_from_text(scenario_yaml)
+    except MemoryRefused as exc:
+        raise ScenarioError(str(exc)) from None
     except (DataError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         # Data-layer messages start with the key under data. they concern (or none).
         raise ScenarioError(f"data.{msg}" if ":" in msg.split(" ")[0] else f"data: {msg}") from None
+
+
+def check_memory(s: Scenario) -> None:
+    """Refuse (MemoryRefused, naming the key) data and a model whose sizes alone exceed the
+    memory available, before anything is loaded or built (``fedsim.memory``)."""
+    d, m = s.data, s.model
+    samples, channels, side = nominal_shape(d.dataset, image_size=d.image_size, synthetic_channels=d.synthetic.channels,
+                                            synthetic_size=d.synthetic.size, synthetic_train=d.synthetic.train,
+                                            synthetic_test=d.synthetic.test)
+    classes = d.synthetic.classes if d.dataset == "synthetic" else 10
+    data_key = "data.image_size" if d.image_size else ("data.synthetic" if d.dataset == "synthetic" else "data.dataset")
+    params = memory.model_parameters(m.name, channels, side, classes, tuple(m.hidden))
+    model_key = "model.hidden" if m.name == "mlp" else "model.name"
+    if d.dataset == "synthetic" and params > 2 * memory.model_parameters(m.name, channels, side, 10, tuple(m.hidden)):
+        model_key = "data.synthetic.classes"  # the classifier's rows, one per class, make the model large
+    memory.check_fits([
+        (data_key, memory.data_bytes(samples, channels, side), f"the data set ({samples} images of {channels}x{side}x{side})"),
+        (model_key, memory.model_bytes(params), f"the model ({params:.3g} parameters, {memory.MODEL_COPIES} float32 copies)"),
+    ])
 
 
 def adopt_world(scenario_yaml: str, world: World) -> None:

@@ -1,0 +1,256 @@
+"""A run's output folder: checked before any work, owned by one run at a time.
+
+``claim_output_dir(path)`` is what a run (``python -m fedsim``, each run of a sweep, ``python
+-m attacks``, ``fedsim resume``) holds while it writes results:
+
+- the path is checked first (``check_output_path``): not a file, no component or whole path
+  longer than the file system allows, and its nearest existing folder writable;
+- an exclusive ``flock`` on ``.fedsim.lock`` inside the folder, taken without waiting and held
+  for the whole run: a second run on the same folder fails at once, writing nothing there. The
+  kernel drops the lock when the holder dies, so a killed run never leaves the folder locked;
+- a folder that holds another run's results is refused unless ``overwrite``; then fedsim's own
+  files are removed first, so no summary or plot of the old run survives beside the new
+  metrics. ``resume`` is the opposite: the folder must hold a run, and it is kept as it is.
+
+A folder holding anything fedsim does not write (``RESULT_FILES``, ``RESULT_DIRS``,
+``RESULT_PATTERNS``) is refused for a new run, with or without ``overwrite``: fedsim deletes
+only what it can tell it wrote, and a run's folder holds one run and nothing else. (A folder
+that is not fedsim's, such as ``--out .`` or ``name: ..``'s working folder, is the common
+case.)
+
+Errors are ``OutputDirError``, one line naming the folder; the commands print it and exit 2.
+Leaf module.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import fnmatch
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_NAME = ".fedsim.lock"
+
+# What fedsim writes into a run's folder: a run (fedsim.results, fedsim.audit), its page
+# (fedsim.report) and the attack script (attacks.cli).
+RESULT_FILES = frozenset({
+    "scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "audit.jsonl", "audit_psnr.png",
+    "report.html", "results.json", "reconstruction.png",
+})
+# Folders fedsim fills, with what they may hold.
+RESULT_DIRS = {"audit": "round-*-client-*.png", "report": "*.png"}
+# Temporary files of atomic writes (results.atomic_write, plots) left by a killed run, and
+# the checkpoints of ``output.checkpoint_every`` (fedsim.resume).
+RESULT_PATTERNS = (".*.tmp", ".*.png", "checkpoint*")
+# Where a folder's results are recognised: any of these means it holds a run.
+_TEMPORARY = (".*.tmp", ".*.png")
+# Room for the longest name fedsim writes inside the folder (a temp file of an audit PNG).
+_INSIDE = 64
+
+
+class OutputDirError(ValueError):
+    """An output folder a run cannot use; the message is one line naming the folder."""
+
+
+def check_output_path(path: str | Path) -> None:
+    """Raise OutputDirError unless ``path`` can be created (or exists) as a writable folder.
+
+    Pure: reads the file system, writes nothing."""
+    path = Path(path)
+    if "\0" in str(path):
+        raise OutputDirError(f"{str(path)[:200]!r}: a folder name cannot hold a NUL character")
+    full = path.absolute()
+    nearest = full
+    while True:  # the nearest existing ancestor tells the file system's limits
+        try:
+            if nearest.exists() or nearest == nearest.parent:
+                break
+        except OSError:  # ENAMETOOLONG from stat: found by the length checks below
+            pass
+        nearest = nearest.parent
+    name_max = _pathconf(nearest, "PC_NAME_MAX", 255)
+    path_max = _pathconf(nearest, "PC_PATH_MAX", 4096)
+    for part in full.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise OutputDirError(f"{_show(path)}: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes long; "
+                                 f"this file system allows {name_max}")
+    if len(os.fsencode(str(full))) + _INSIDE > path_max:
+        raise OutputDirError(f"{_show(path)}: the path is {len(os.fsencode(str(full)))} bytes long; this file "
+                             f"system allows {path_max} (less {_INSIDE} for the files inside)")
+    if full.exists() and not full.is_dir():
+        raise OutputDirError(f"{_show(path)} is a file, not a folder")
+    if not nearest.is_dir():
+        raise OutputDirError(f"{_show(path)}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputDirError(f"{_show(path)}: cannot write in {nearest} (permission denied)")
+
+
+def check_output_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Everything ``claim_output_dir`` checks except the lock, without writing anything: for
+    a command that checks its outputs before it starts work (a sweep, its every run)."""
+    check_output_path(path)
+    if Path(path).is_dir():
+        _check_contents(Path(path), overwrite=overwrite, resume=resume)
+
+
+@contextmanager
+def claim_output_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Hold ``path`` as a run's output folder for the ``with`` block (module docstring).
+
+    Creates the folder; with ``overwrite``, clears the results of the run it held. A refusal
+    leaves the file system as it was: folders created for the claim are removed again, and so
+    is a folder the run wrote nothing into (a run refused by a later check)."""
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other")
+    path = Path(path)
+    check_output_path(path)
+    created = _make_dirs(path)
+    try:
+        with hold_folder(path):
+            _check_contents(path, overwrite=overwrite, resume=resume)
+            if overwrite:
+                _clear(path)
+            yield path
+    finally:
+        for folder in reversed(created):  # deepest first; only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+@contextmanager
+def hold_folder(path: str | Path) -> Iterator[None]:
+    """The exclusive, non-blocking lock on an existing folder (``LOCK_NAME`` inside it).
+
+    The lock file is removed on release, leaving the folder as the run left it. Removing
+    it races with a run that opened the file just before: that run then locks a file no
+    longer in the folder, so after locking, the file at the path must be the one locked."""
+    path = Path(path)
+    lock = path / LOCK_NAME
+    while True:
+        try:
+            # O_CREAT on an existing file writes nothing: a refused run leaves the folder as it was.
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OutputDirError(f"{_show(path)}: cannot create {LOCK_NAME} ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutputDirError(f"{_show(path)}: cannot lock {LOCK_NAME} ({exc.strerror})") from None
+            raise OutputDirError(f"{_show(path)} is in use by another run{_holder(lock)}; wait for it to end "
+                                 f"or choose another folder") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file we opened: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the message a refused run prints
+        yield
+    finally:
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and missing parents; the folders created, outermost first."""
+    missing = []
+    p = path.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    missing.reverse()
+    for i, folder in enumerate(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise OutputDirError(f"{_show(path)}: {folder} is a file, not a folder") from None
+        except OSError as exc:
+            for done in reversed(missing[:i]):
+                done.rmdir()
+            raise OutputDirError(f"{_show(path)}: cannot create {folder} ({exc.strerror})") from None
+    return missing
+
+
+def _own(entry: Path) -> bool:
+    """Whether fedsim writes ``entry`` (a name in a run's folder) and what it holds."""
+    name = entry.name
+    if name == LOCK_NAME or any(fnmatch.fnmatchcase(name, p) for p in RESULT_PATTERNS):
+        return True
+    if name in RESULT_FILES:
+        return entry.is_file() and not entry.is_symlink()
+    pattern = RESULT_DIRS.get(name)
+    if pattern is None or entry.is_symlink() or not entry.is_dir():
+        return False
+    return all(c.is_file() and (fnmatch.fnmatchcase(c.name, pattern) or
+                                any(fnmatch.fnmatchcase(c.name, t) for t in _TEMPORARY)) for c in entry.iterdir())
+
+
+def _check_contents(path: Path, *, overwrite: bool, resume: bool) -> None:
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise OutputDirError(f"{_show(path)}: cannot list the folder ({exc.strerror})") from None
+    if resume:
+        if not (path / "scenario.yaml").is_file():
+            raise OutputDirError(f"{_show(path)} holds no run to resume (no scenario.yaml)")
+        return
+    foreign = [e.name for e in entries if not _own(e)]
+    if foreign:
+        raise OutputDirError(f"{_show(path)} holds files fedsim did not write ({_names(foreign)}); a run's folder "
+                             f"holds its results only: choose another folder")
+    results = [e.name for e in entries if e.name != LOCK_NAME
+               and not any(fnmatch.fnmatchcase(e.name, t) for t in _TEMPORARY)]
+    if results and not overwrite:
+        raise OutputDirError(f"{_show(path)} holds the results of another run ({_names(results)}); pass "
+                             f"--overwrite to replace them, or choose another folder")
+
+
+def _clear(path: Path) -> None:
+    """Remove fedsim's own entries (``_check_contents`` has made sure there are no others)."""
+    for entry in path.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(n[:60] for n in names[:shown]) + more
+
+
+def _show(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 200 else text[:100] + "..." + text[-60:]
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
