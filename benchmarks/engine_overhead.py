@@ -15,7 +15,18 @@ between them), wall time measured by this process from spawn to exit:
   inline   `python -m fedsim W1.yaml --quiet`, engine inline (the command a user runs)
   ray      `python -m fedsim W1.yaml --quiet`, engine ray (one actor per CPU)
 
-Targets: inline within 1.5x of bare; ray at least 3x faster than flower.
+and the cost of the checkpoint `fedsim resume` reads (written every round by default,
+``output.checkpoint_every: 1``), as a fraction of a W1 round, two ways:
+
+  inline-nockpt  the inline run with ``output.checkpoint_every: 0``: (median time between two
+                 rounds' ends with checkpoints - without) / without, the two runs measured here
+  ckpt           the inline run in this benchmark's child process, timing every checkpoint write
+                 (``fedsim.checkpoint.Checkpointer``): the median of each write / its round's
+                 ``wall_s`` (the figure the target is for: the on/off pair is two runs, and on a
+                 shared machine the load can drift between them by more than the checkpoint costs)
+
+Targets: inline within 1.5x of bare; ray at least 3x faster than flower; a checkpoint at most
+0.10 of a W1 round.
 
 Read the inline/bare ratio knowing two start-up costs the bare loop pays and fedsim does not:
 ``torch.optim.SGD`` imports ``torch._dynamo`` (~1.5 s; fedsim calls the same update function,
@@ -41,10 +52,11 @@ SEED = 0
 ROUNDS = 60
 NUM_CLIENTS = 10
 BATCH, LR, LOCAL_EPOCHS, HIDDEN = 32, 0.05, 1, 256
-VARIANTS = ("bare", "flower", "inline", "ray")
+VARIANTS = ("bare", "flower", "inline", "inline-nockpt", "ckpt", "ray")
+CHECKPOINT_TARGET = 0.10
 
 
-def w1_raw(engine: str, rounds: int) -> dict:
+def w1_raw(engine: str, rounds: int, checkpoint_every: int = 1) -> dict:
     return {
         "name": f"w1-{engine}", "seed": SEED,
         "data": {"dataset": "digits", "num_clients": NUM_CLIENTS, "partition": {"name": "iid"}},
@@ -53,7 +65,7 @@ def w1_raw(engine: str, rounds: int) -> dict:
         "train": {"rounds": rounds, "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH, "lr": LR,
                   "participation": 1.0},
         "engine": {"name": engine},
-        "output": {"plot": False, "progress": False},
+        "output": {"plot": False, "progress": False, "checkpoint_every": checkpoint_every},
     }
 
 
@@ -229,6 +241,36 @@ def run_flower(rounds: int) -> None:
     emit(accuracy=final.get("accuracy"), round_s=[b - a for a, b in zip(stamps, stamps[1:])])
 
 
+# ----------------------------------------------------------------------------- (c) the checkpoint's own time
+
+
+def run_ckpt(rounds: int) -> None:
+    """W1 inline, as `python -m fedsim` runs it, with every checkpoint write timed."""
+    # This script's folder comes first on sys.path, and its defenses.py would shadow the package.
+    sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+    import torch
+
+    from fedsim import checkpoint
+    from fedsim.engines import run_scenario
+    from fedsim.results import read_metrics
+    from fedsim.scenario import parse_scenario
+
+    torch.set_num_threads(1)
+    spent: list[float] = []
+    write = checkpoint.Checkpointer.on_round
+
+    def timed(self, record) -> None:
+        t0 = time.perf_counter()
+        write(self, record)
+        spent.append(time.perf_counter() - t0)
+
+    checkpoint.Checkpointer.on_round = timed
+    with tempfile.TemporaryDirectory() as out:
+        summary = run_scenario(parse_scenario(w1_raw("inline", rounds)), out, progress=False)
+        rows = read_metrics(out)
+    emit(accuracy=summary["accuracy"], round_s=[r["wall_s"] for r in rows], ckpt_s=spent)
+
+
 # ----------------------------------------------------------------------------- parent
 
 
@@ -236,9 +278,11 @@ def spawn(variant: str, rounds: int, prep: Path) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = prep.parent / f"out-{variant}"
-    if variant in ("inline", "ray"):
+    fedsim_run = variant in ("inline", "inline-nockpt", "ray")
+    if fedsim_run:
         scenario = prep.parent / f"w1-{variant}.yaml"
-        scenario.write_text(yaml.safe_dump(w1_raw(variant, rounds), sort_keys=False))
+        raw = w1_raw(variant.split("-")[0], rounds, checkpoint_every=0 if variant.endswith("nockpt") else 1)
+        scenario.write_text(yaml.safe_dump(raw, sort_keys=False))
         cmd = [sys.executable, "-m", "fedsim", str(scenario), "--out", str(out), "--quiet"]
     else:
         cmd = [sys.executable, __file__, "--child", variant, "--rounds", str(rounds), "--prep", str(prep)]
@@ -248,10 +292,13 @@ def spawn(variant: str, rounds: int, prep: Path) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode})")
-    if variant in ("inline", "ray"):
+    if fedsim_run:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((out / "summary.json").read_text())
-        return {"wall": wall, "accuracy": summary["accuracy"], "round_s": [r["wall_s"] for r in rows]}
+        # between two rounds' ends: the round, and what follows its row (the checkpoint, when on)
+        step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
+        return {"wall": wall, "accuracy": summary["accuracy"], "round_s": [r["wall_s"] for r in rows],
+                "step_s": step_s}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return {"wall": wall, **json.loads(lines[-1][len("RESULT "):])}
 
@@ -265,7 +312,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    ap.add_argument("--child", choices=("bare", "flower"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("bare", "flower", "ckpt"), help=argparse.SUPPRESS)
     ap.add_argument("--prep", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -273,6 +320,8 @@ def main() -> None:
         return run_bare(args.prep, args.rounds)
     if args.child == "flower":
         return run_flower(args.rounds)
+    if args.child == "ckpt":
+        return run_ckpt(args.rounds)
 
     variants = [v for v in args.only.split(",") if v]
     if "bare" not in variants:
@@ -284,16 +333,16 @@ def main() -> None:
         results = {}
         for v in variants:
             results[v] = spawn(v, args.rounds, prep)
-            print(f"  {v:7s} {results[v]['wall']:6.1f} s", file=sys.stderr, flush=True)
+            print(f"  {v:13s} {results[v]['wall']:6.1f} s", file=sys.stderr, flush=True)
 
     bare = results["bare"]
     bare_round = median(bare["round_s"])
     print(f"\nW1: digits, {NUM_CLIENTS} IID clients, {args.rounds} rounds, MLP 64-{HIDDEN}-10, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'variant':8s} {'wall s':>7s} {'x bare':>7s} {'round ms':>9s} {'vs bare round':>14s} {'accuracy':>9s}")
+    print(f"{'variant':13s} {'wall s':>7s} {'x bare':>7s} {'round ms':>9s} {'vs bare round':>14s} {'accuracy':>9s}")
     for v, r in results.items():
         rnd = median(r["round_s"])
-        print(f"{v:8s} {r['wall']:7.1f} {r['wall'] / bare['wall']:7.2f} {rnd * 1e3:9.1f} "
+        print(f"{v:13s} {r['wall']:7.1f} {r['wall'] / bare['wall']:7.2f} {rnd * 1e3:9.1f} "
               f"{(rnd - bare_round) * 1e3:+13.1f}ms {r['accuracy']:9.4f}")
     print("round ms: median wall time of one round (all clients train, central evaluation); "
           "'vs bare round' is the engine's own per-round cost (for ray: after 2-way parallelism).")
@@ -304,6 +353,19 @@ def main() -> None:
     if "ray" in results and "flower" in results:
         speedup = results["flower"]["wall"] / results["ray"]["wall"]
         checks.append(f"flower/ray = {speedup:.2f} (target >= 3: {'met' if speedup >= 3 else 'MISSED'})")
+    if "inline" in results and "inline-nockpt" in results:
+        on, off = median(results["inline"]["step_s"]), median(results["inline-nockpt"]["step_s"])
+        ratio = (on - off) / off
+        checks.append(f"checkpoint every round, runs on vs off: {(on - off) * 1e3:+.2f} ms on a {off * 1e3:.1f} ms "
+                      f"round = {ratio:+.3f} (two runs' medians: on a shared machine, load drift between "
+                      "them can outweigh the checkpoint; the timed figure below is the one to read)")
+    if "ckpt" in results:
+        r = results["ckpt"]
+        write, rnd = median(r["ckpt_s"]), median(r["round_s"])
+        ratio = median([w / t for w, t in zip(r["ckpt_s"], r["round_s"])])  # each write against its own round
+        checks.append(f"checkpoint every round, timed: {write * 1e3:.2f} ms a write, {rnd * 1e3:.1f} ms a round; "
+                      f"median write/round = {ratio:.3f} (target <= {CHECKPOINT_TARGET}: "
+                      f"{'met' if ratio <= CHECKPOINT_TARGET else 'MISSED'})")
     for c in checks:
         print(c)
 

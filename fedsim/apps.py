@@ -27,6 +27,7 @@ from strategies.base import fixed_sample_size
 from strategies.compression import CodecContext, get_codec
 from strategies.records import to_record, to_torch
 
+from . import checkpoint
 from .audit import QUERY_GRADIENT, AuditObserver, answer_gradient_query
 from .metered import MeteredGrid
 from .observers import (CentralEvaluation, CodecReport, DefenseReport, FailureWatch, ProgressObserver, ResultsObserver,
@@ -150,18 +151,21 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
 
 
 def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bool = True,
-               ground_truth: bool = True) -> dict:
+               ground_truth: bool = True, resume: bool = False) -> dict:
     """Run the scenario's rounds on ``grid``, writing results to ``out_dir``; returns the summary.
 
     ``ground_truth``: whether this process may score the audit against clients' data (fedsim's
-    own engines); a deployed server has none."""
+    own engines); a deployed server has none. ``resume``: continue the run in ``out_dir`` from its
+    checkpoint (``fedsim.checkpoint``; raises CheckpointError without a usable one)."""
     logging.getLogger("flwr").setLevel(logging.ERROR)  # fedsim reports rounds and failures itself
     start = time.perf_counter()
     world = world_from_text(scenario.to_yaml())
     spec = get_strategy(scenario.strategy.name)
     strategy = spec.server(scenario.strategy_params(), server_settings(scenario))
     model = world.new_model()
-    writer = ResultsWriter(out_dir, scenario.to_yaml())
+    ckpt = checkpoint.load(out_dir, scenario.to_yaml()) if resume else None
+    writer = ResultsWriter(out_dir, scenario.to_yaml(),
+                           rows=checkpoint.kept_rows(out_dir, ckpt.server_round) if ckpt else None)
     metered = MeteredGrid(grid)
     wait_for_nodes(metered, scenario.data.num_clients, scenario.engine.timeout_s)
     evaluation = CentralEvaluation(model, world.dataset.x_test, world.dataset.y_test)
@@ -172,6 +176,12 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     running = strategy
     for defense in defenses:
         running = defense.wrap_server(running)
+    arrays, first_round = to_record(model.state_dict()), 1
+    if ckpt is not None:  # the server objects as the checkpoint left them (built above only for train_config)
+        strategy, running, defenses, codec = (ckpt.server[k] for k in ("strategy", "running", "defenses", "codec"))
+        arrays, first_round = ckpt.arrays, ckpt.server_round + 1
+        ckpt.restore_nodes(grid.contexts)
+        start -= ckpt.elapsed_s  # wall_s and elapsed_s go on from the checkpoint's
 
     # The audit asks clients through the plain grid: its queries are not training traffic.
     # The audit's gradient query carries the client-side defense steps too: the answer is defended.
@@ -184,13 +194,33 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
              if scenario.audit != "none" else None)
 
     failures = FailureWatch()
-    with RoundProgress(scenario.train.rounds, enabled=progress) as bar:
+    if ckpt is not None:
+        evaluation.initial = ckpt.observers["evaluation"]
+        failures.reasons, failures.streak = ckpt.observers["failures"]
+        if audit is not None:
+            audit.resume(ckpt.observers["audit"])
+
+    def server_state(record) -> dict:  # what the checkpoint holds beyond node states (fedsim.checkpoint)
+        return {"arrays": record.arrays,
+                "server": {"strategy": strategy, "running": running, "defenses": defenses, "codec": codec},
+                "observers": {"evaluation": evaluation.initial, "failures": (failures.reasons, failures.streak),
+                              "audit": audit.checkpoint_state() if audit else None}}
+
+    # Only an engine of fedsim's own holds the nodes' Context.state; under `flwr run` it lives on the
+    # SuperNodes, out of a server checkpoint's reach, so a deployed run writes none.
+    checkpointer = (checkpoint.Checkpointer(Path(out_dir), scenario.output.checkpoint_every, scenario.train.rounds,
+                                            scenario.to_yaml(), grid.contexts, server_state, start)
+                    if scenario.output.checkpoint_every and hasattr(grid, "contexts") else None)
+    if checkpointer is not None and ckpt is not None:
+        checkpointer.resume_from(ckpt)
+    with RoundProgress(scenario.train.rounds, enabled=progress, completed=first_round - 1) as bar:
         observers = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
                      *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
-                     *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar), failures]
+                     *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar), failures,
+                     *([checkpointer] if checkpointer else [])]  # last: after every observer saw the round
         try:
-            run_rounds(running, metered, codec, to_record(model.state_dict()),
-                       scenario.train.rounds, scenario.engine.timeout_s, observers, ConfigRecord(train_config))
+            run_rounds(running, metered, codec, arrays, scenario.train.rounds, scenario.engine.timeout_s,
+                       observers, ConfigRecord(train_config), first_round=first_round)
         finally:
             if audit is not None:
                 audit.close()  # the run waits for the last attack
@@ -214,6 +244,8 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         **{k: v for d in defenses for k, v in d.summary(rows).items()},
     }
     writer.finish(summary, plot=scenario.output.plot, audit_rows=audit.rows if audit else None)
+    if checkpointer is not None:
+        checkpointer.remove()
     return summary
 
 
@@ -229,4 +261,5 @@ def server_main(grid: Grid, context: Context) -> None:
     progress = bool(context.run_config.get("progress", scenario.output.progress))
     # fedsim's own engines pass the resolved scenario text; `flwr run` (a deployment) passes a path,
     # and there the server holds none of the clients' data to score an audit with.
-    run_server(grid, scenario, str(out_dir), progress=progress, ground_truth="scenario-yaml" in context.run_config)
+    run_server(grid, scenario, str(out_dir), progress=progress, ground_truth="scenario-yaml" in context.run_config,
+               resume=bool(context.run_config.get("resume", False)))

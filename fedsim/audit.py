@@ -192,7 +192,7 @@ def run_job(job: AuditJob) -> dict[str, Any]:
     torch.set_num_threads(1)
     rec = build_attack(job.attack, seed=job.seed, **job.attack_config).reconstruct(job.observation)
     if job.true_images is None:
-        scores = dict.fromkeys(("psnr", "psnr_max", "ssim", "label_accuracy", "success_rate"))
+        scores = dict.fromkeys(("psnr", "psnr_max", "ssim", "cw_ssim", "label_accuracy", "success_rate"))
         save_grid(Path(job.png), None, rec.images)
     else:
         scores = evaluate(rec.images, job.true_images, rec.hard_labels(), job.true_labels)
@@ -207,6 +207,7 @@ def run_job(job: AuditJob) -> dict[str, Any]:
     return {"round": job.server_round, "client": job.partition_id, "attack": job.attack,
             "threat": job.observation.threat, "images": int(rec.images.shape[0]),
             "psnr": scores["psnr"], "psnr_max": scores["psnr_max"], "ssim": scores["ssim"],
+            "cw_ssim": scores["cw_ssim"],
             "label_accuracy": scores["label_accuracy"], "success_rate": scores["success_rate"],
             "iterations": int(rec.iterations), "stopped": rec.stopped, "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
             "i2f_psnr": i2f_psnr, "support": job.observation.support_fraction(), "note": job.note,
@@ -234,6 +235,7 @@ class AuditObserver(RoundObserver):
         self.node_of: dict[int, int] = {}  # partition id -> node id, as clients' replies state it
         self._lock = threading.Lock()
         self._futures: list[Future] = []
+        self._pending: dict[Future, AuditJob] = {}  # submitted, no row yet: a checkpoint's to resubmit
         atomic_write(self.dir / "audit.jsonl", "")
         # Off the training path: the engine's own way (a Ray actor on the ray engine), else one
         # process of its own, spawned, not forked (the server may hold Ray's or Flower's threads).
@@ -254,9 +256,14 @@ class AuditObserver(RoundObserver):
             targets = choose_targets(self.audit, sorted(self.node_of), self.s.seed, record.server_round)
             jobs = [self.gradient_job(record, pid, self.node_of[pid]) for pid in targets]
         for job in jobs:
-            future = self.pool.submit(run_job, job)
-            future.add_done_callback(self._finished)
-            self._futures.append(future)
+            self._submit(job)
+
+    def _submit(self, job: AuditJob) -> None:
+        future = self.pool.submit(run_job, job)
+        with self._lock:  # before the callback can run (it may run at once, in this thread)
+            self._pending[future] = job
+        future.add_done_callback(self._finished)
+        self._futures.append(future)
 
     def _model(self, record: RoundRecord) -> nn.Module:
         model = self.world.new_model()
@@ -409,11 +416,30 @@ class AuditObserver(RoundObserver):
     # ------------------------------------------------------------------ results
     def _finished(self, future: Future) -> None:
         if future.exception() is not None:
-            return  # raised again in close()
+            return  # raised again in close(); a checkpoint keeps the job pending
         with self._lock:
+            self._pending.pop(future, None)
             self.rows.append(_clean(future.result()))
             self.rows.sort(key=lambda r: (r["round"], r["client"]))
             atomic_write(self.dir / "audit.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    # ------------------------------------------------------------------ checkpoint (fedsim.checkpoint)
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The finished rows and the jobs still in flight, taken together (a job that finishes meanwhile
+        is in one or the other, never both), and who is which node."""
+        with self._lock:
+            return {"rows": list(self.rows), "pending": list(self._pending.values()), "node_of": dict(self.node_of)}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: its rows (audit.jsonl rewritten to them: rows of later rounds,
+        written before the kill, are redone with those rounds) and its unfinished jobs, submitted again
+        (attacks are seeded: the rows are those the jobs would have given)."""
+        self.node_of.update(state["node_of"])
+        with self._lock:
+            self.rows = list(state["rows"])
+            atomic_write(self.dir / "audit.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        for job in state["pending"]:
+            self._submit(job)
 
     def close(self) -> None:
         """Wait for the last audit; an attack that failed is an error naming it."""

@@ -4,15 +4,20 @@ sweep SWEEP.yaml`` runs a grid of scenarios (``fedsim.sweep``) and ``python -m f
 DIR`` writes a run's or a sweep's HTML page (``fedsim.report``); ``python -m fedsim deploy
 SCENARIO.yaml --superlink NAME`` runs it on a SuperLink, streaming its logs (``fedsim.deploy.follow``).
 
-Bad input (file, keys, values, data that cannot be loaded) is one line on stderr and exit
-code 2, before any output directory exists.
+Bad input (file, keys, values, data that cannot be loaded, sizes that cannot be allocated, an
+output directory that cannot be used) is one line on stderr and exit code 2, before any output
+directory exists. A run holds its output directory for as long as it runs (``fedsim.outdir``):
+a second run on it exits 2, and one holding an earlier run's results needs ``--overwrite``.
+Ctrl-C during start-up is one line and exit code 130, with nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -20,7 +25,7 @@ EXIT_BAD_INPUT = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        print(f"fedsim: error: {message}", file=sys.stderr)
+        print(f"fedsim: error: {message.splitlines()[0][:500] if message else 'bad arguments'}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -33,6 +38,8 @@ def _parser(validate: bool) -> argparse.ArgumentParser:
     if not validate:
         p.add_argument("--out", help="output directory (default: output.dir or runs/<name>)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the results of an earlier run in the output directory (cleared first)")
     return p
 
 
@@ -42,10 +49,15 @@ def prepare(path: str, overrides: list[str], *, check_data: bool = True):
     Raises ScenarioError on bad input. The ray engine checks the data itself, while Ray
     starts (RayGrid), still before any output exists.
     """
-    from .scenario import load_scenario
-    from .world import checked_world
+    from .memory import MemoryRefused
+    from .scenario import ScenarioError, load_scenario
+    from .world import check_memory, checked_world
 
     scenario = load_scenario(path, overrides)
+    try:
+        check_memory(scenario)  # every engine: sizes that cannot be allocated are refused before anything loads
+    except MemoryRefused as exc:
+        raise ScenarioError(str(exc)) from None
     if check_data or scenario.engine.name != "ray":
         checked_world(scenario.to_yaml())  # cached: the run reuses it
     return scenario
@@ -94,34 +106,55 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(argv[1:])
+    if argv and argv[0] == "resume":
+        from .resume import main as resume_main
+
+        return resume_main(argv[1:])
     validate = bool(argv) and argv[0] == "validate"
     args = _parser(validate).parse_args(argv[1:] if validate else argv)
-    from .scenario import ScenarioError
+    # Start-up (validation, data check, imports, the output folder) writes nothing until the
+    # folder is claimed: Ctrl-C here is one line, exit 130; warnings libraries raise while a
+    # scenario is checked are shown only if it passes (the one line says what is wrong).
+    with contextlib.ExitStack() as held:
+        try:
+            from .outdir import OutputDirError, claim_output_dir
+            from .scenario import ScenarioError
 
-    try:
-        scenario = prepare(args.scenario, args.overrides, check_data=validate)
-    except ScenarioError as exc:
-        print(f"fedsim: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if validate:
-        print(f"{args.scenario}: ok ({scenario.name}, {scenario.data.num_clients} clients, "
-              f"{scenario.strategy.name}, {scenario.train.rounds} rounds, engine {scenario.engine.name})")
-        return 0
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    scenario = prepare(args.scenario, args.overrides, check_data=validate)
+            except ScenarioError as exc:
+                print(f"fedsim: error: {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            for w in caught:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            if validate:
+                print(f"{args.scenario}: ok ({scenario.name}, {scenario.data.num_clients} clients, "
+                      f"{scenario.strategy.name}, {scenario.train.rounds} rounds, engine {scenario.engine.name})")
+                return 0
 
-    from .engines import run_scenario
-    from .observers import AllClientsFailed
+            from .engines import run_scenario
+            from .observers import AllClientsFailed
 
-    out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
-    try:
-        summary = run_scenario(scenario, out_dir, progress=scenario.output.progress and not args.quiet)
-    except ScenarioError as exc:  # data the engine found bad before writing anything
-        print(f"fedsim: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"fedsim: interrupted; rounds completed so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
-        return 130
-    except AllClientsFailed as exc:
-        print(f"fedsim: error: {exc}; rounds so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
-        return 1
+            out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
+            try:
+                held.enter_context(claim_output_dir(out_dir, overwrite=args.overwrite))
+            except OutputDirError as exc:
+                print(f"fedsim: error: output folder {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("fedsim: interrupted during start-up; nothing was written", file=sys.stderr)
+            return 130
+        try:
+            summary = run_scenario(scenario, out_dir, progress=scenario.output.progress and not args.quiet)
+        except ScenarioError as exc:  # data the engine found bad before writing anything
+            print(f"fedsim: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print(f"fedsim: interrupted; rounds completed so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
+            return 130
+        except AllClientsFailed as exc:
+            print(f"fedsim: error: {exc}; rounds so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
+            return 1
     _print_table(summary, out_dir)
     return 0

@@ -9,12 +9,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RoundProgress:
-    def __init__(self, rounds: int, enabled: bool = True):
+    def __init__(self, rounds: int, enabled: bool = True, completed: int = 0):
         self.enabled = enabled
         self._progress = Progress(TextColumn("[bold]round"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.description}"), TimeElapsedColumn(),
                                   console=Console(stderr=True), transient=False, disable=not enabled)
-        self._task = self._progress.add_task("", total=rounds)
+        self._task = self._progress.add_task("", total=rounds, completed=completed)  # resumed: rounds done
 
     def __enter__(self) -> "RoundProgress":
         self._progress.start()

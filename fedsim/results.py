@@ -49,11 +49,13 @@ def _clean(value: Any) -> Any:
 class ResultsWriter:
     """Owns one run directory."""
 
-    def __init__(self, out_dir: str | Path, scenario_yaml: str):
+    def __init__(self, out_dir: str | Path, scenario_yaml: str, rows: list[dict[str, Any]] | None = None):
+        """``rows``: a resumed run's rounds so far (``fedsim.checkpoint.kept_rows``); metrics.jsonl is
+        rewritten to them, once, and appended to from there."""
         self.dir = Path(out_dir)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])
         atomic_write(self.dir / "scenario.yaml", scenario_yaml)
-        atomic_write(self.dir / "metrics.jsonl", "")
+        atomic_write(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add_round(self, row: dict[str, Any]) -> None:
         self.rows.append(_clean(row))

@@ -117,13 +117,18 @@ def _decode_replies(nodes: list[NodeRound], codec: Codec, arrays_sent: ArrayReco
 
 def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arrays: ArrayRecord,
                num_rounds: int, timeout: float, observers: Sequence[RoundObserver],
-               train_config: ConfigRecord | None = None) -> ArrayRecord:
+               train_config: ConfigRecord | None = None, first_round: int = 1) -> ArrayRecord:
     """Train for ``num_rounds``; returns the final global arrays. ``train_config`` is passed to
-    every ``configure_train`` (defenses add settings there, as Flower's DP wrappers do)."""
+    every ``configure_train`` (defenses add settings there, as Flower's DP wrappers do).
+
+    ``first_round`` > 1 continues a run (``fedsim resume``) from the arrays after round
+    ``first_round - 1``: its start has happened, so ``on_start`` is not called again (the
+    observers come back from the checkpoint)."""
     arrays = initial_arrays
-    for observer in observers:
-        observer.on_start(arrays)
-    for server_round in range(1, num_rounds + 1):
+    if first_round == 1:
+        for observer in observers:
+            observer.on_start(arrays)
+    for server_round in range(first_round, num_rounds + 1):
         started = time.perf_counter()
         config = ConfigRecord(dict(train_config or {}))  # a fresh copy: wrappers write into it
         messages = list(strategy.configure_train(server_round, arrays, config, grid))

@@ -10,15 +10,42 @@ strategy's own parameter model from the registry.
 from __future__ import annotations
 
 import copy
+import math
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import strict_yaml
+
 
 class ScenarioError(ValueError):
-    """A scenario (file, override or value) that cannot run; the message is one line."""
+    """A scenario (file, override or value) that cannot run; the message is one line.
+
+    Cut to its first line and ``MESSAGE_MAX`` characters: whatever a message echoes, the
+    command prints one readable line."""
+
+    def __init__(self, message: str = ""):
+        line = (str(message).splitlines() or [""])[0]
+        super().__init__(line if len(line) <= MESSAGE_MAX else line[: MESSAGE_MAX - 3] + "...")
+
+
+MESSAGE_MAX = 500
+# A value echoed in a message: reprlib abbreviates as it goes, so a 10^9-item list is never
+# turned into text in full (a YAML alias bomb once printed a 351 MB line).
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = 200
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 8
+_ECHO.maxlevel = 3
+
+
+def short(value: Any) -> str:
+    """``repr(value)``, at most 200 characters, for echoing input in an error message."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class _Strict(BaseModel):
@@ -93,9 +120,24 @@ class TrainConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="join an existing Ray cluster (e.g. 'auto')")
+    address: str | None = Field(None, description="join an existing Ray cluster: HOST:PORT of its head, or auto "
+                                "(RAY_ADDRESS, or a `ray start` cluster on this machine); null: a private local Ray")
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_actors: int | None = Field(None, ge=1, description="default: as many as CPUs allow")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        """Caught here, a malformed address is one line; Ray itself would log and retry it."""
+        if v is None or v == "auto":
+            return v
+        host, sep, port = v.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")  # an IPv6 literal, [::1]:6379
+        if (not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host
+                or not (bracketed or re.fullmatch(r"[A-Za-z0-9._-]+", host))):
+            raise ValueError("expected auto or HOST:PORT of a Ray cluster's head (e.g. 10.0.0.5:6379; "
+                             "Ray Client ray:// addresses are not supported)")
+        return v
 
 
 class EngineConfig(_Strict):
@@ -109,8 +151,18 @@ class EngineConfig(_Strict):
 
 class OutputConfig(_Strict):
     dir: str | None = Field(None, description="default runs/<name>")
+
+    @field_validator("dir")
+    @classmethod
+    def _a_path(cls, v: str | None) -> str | None:
+        # "" would be the working folder; a NUL byte no file system takes (fedsim.outdir checks the rest)
+        if v is not None and (not v.strip() or "\0" in v):
+            raise _PathError(("output", "dir"), f"must be a folder path, got {short(v)}")
+        return v
     plot: bool = True
     progress: bool = True
+    checkpoint_every: int = Field(1, ge=0, description="write the run's checkpoint every N rounds (and after the "
+                                  "last) for `fedsim resume`; 0: never")
 
 
 class AuditConfig(_Strict):
@@ -139,6 +191,19 @@ class AuditConfig(_Strict):
         return v
 
 
+def _refuse_nonfinite(loc: tuple[str, ...], values: Any) -> None:
+    """_PathError at the first float in ``values`` (nested dicts and lists) that is inf or nan."""
+    stack = [(loc, values)]
+    while stack:
+        at, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _PathError(at, f"must be finite, got {value}")
+        if isinstance(value, dict):
+            stack.extend(((*at, str(k)), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(((*at, str(i)), v) for i, v in enumerate(value))
+
+
 def _upload_section(v: Any) -> Any:
     """``none``, or ``{codec: name, <that codec's settings>}`` checked by the codec's params model."""
     from strategies.compression import codec_class, codec_names
@@ -165,11 +230,12 @@ def _upload_section(v: Any) -> Any:
         raise _PathError(("upload", *loc) if loc else ("upload",), _describe(err)) from None
     if name == "none":
         return "none"
+    _refuse_nonfinite(("upload",), params.model_dump())  # before the json dump turns nan into None
     return {"codec": name, **params.model_dump(mode="json")}
 
 
 class Scenario(_Strict):
-    name: str = Field("scenario", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("scenario", description="a single folder name: runs/<name>/ holds the results")
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -183,6 +249,41 @@ class Scenario(_Strict):
     output: OutputConfig = OutputConfig()
 
     _check_upload = field_validator("upload", mode="before")(lambda cls, v: _upload_section(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, raw: Any) -> Any:
+        """No setting means anything at inf or nan, in any section (the typed ones, and the
+        registries' strategy, codec, defense and attack settings), and JSON (summary.json,
+        the scenario sent to clients) cannot carry them (a json dump made an inf mu None,
+        reported later as "data.strategy.mu ... got None"): refused under their own key, as
+        written (.inf) here, and as coerced from text ("inf") by ``_finite_as_validated``."""
+        _refuse_nonfinite((), raw)
+        return raw
+
+    @model_validator(mode="after")
+    def _finite_as_validated(self) -> "Scenario":
+        _refuse_nonfinite((), self.model_dump(exclude={"defense"}))
+        blocks = self.defenses()
+        for i, block in enumerate(blocks):  # named as _defense names them: defense.<key>, or defense.<i>.<key>
+            _refuse_nonfinite(("defense", *((str(i),) if len(blocks) > 1 else ())), block.model_dump())
+        try:
+            _refuse_nonfinite(("strategy",), self.strategy_params().model_dump())
+        except (KeyError, ValidationError):  # an unknown strategy, bad settings: _strategy_known says which
+            pass
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        """The name is a folder under runs/: one path component, never . or .. (the working
+        folder or its parent), at most 255 bytes (most file systems' NAME_MAX)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v) or v in (".", ".."):
+            raise _PathError(("name",), f"must be a single folder name of letters, digits, _ . - (not . or ..), "
+                             f"got {short(v)}")
+        if len(v) > 255:
+            raise _PathError(("name",), f"must be at most 255 characters (a folder name), got {len(v)}")
+        return v
 
     @model_validator(mode="after")
     def _upload_composes(self) -> "Scenario":
@@ -217,7 +318,7 @@ class Scenario(_Strict):
 
         a = self.audit
         if a.attack != "auto" and a.attack not in ATTACKS:
-            raise _PathError(("audit", "attack"), f"unknown attack {a.attack!r}; choose auto or one of "
+            raise _PathError(("audit", "attack"), f"unknown attack {short(a.attack)}; choose auto or one of "
                              f"{', '.join(sorted(ATTACKS))}")
         if isinstance(a.clients, list) and max(a.clients) >= self.data.num_clients:
             raise _PathError(("audit", "clients"), f"partition id {max(a.clients)} does not exist "
@@ -248,7 +349,7 @@ class Scenario(_Strict):
             at = (str(i),) if isinstance(v, list) else ()
             name = block.get("name") if isinstance(block, dict) else block
             if not isinstance(block, dict) or name not in PARAMS:
-                raise _PathError(("defense", *at, "name"), f"unknown defense {name!r}; choose none or one of "
+                raise _PathError(("defense", *at, "name"), f"unknown defense {short(name)}; choose none or one of "
                                  f"{', '.join(sorted(PARAMS))} (a mapping with its settings, or a list of them)")
             try:
                 out.append(PARAMS[name](**block))
@@ -369,7 +470,7 @@ def _describe(err: dict, model: type[BaseModel] | None = None) -> str:
         return f"unknown key; allowed: {', '.join(model.model_fields)}"
     msg = err["msg"]
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-        msg += f" (got {err['input']!r})"
+        msg += f" (got {short(err['input'])})"
     return msg
 
 
@@ -406,15 +507,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise ScenarioError(f"--set {item!r}: expected key.path=value")
+            raise ScenarioError(f"--set {short(item)}: expected key.path=value")
         path, _, text = item.partition("=")
         keys = [k for k in path.strip().split(".")]
         if not all(keys):
-            raise ScenarioError(f"--set {item!r}: empty key in path")
+            raise ScenarioError(f"--set {short(item)}: empty key in path")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            raise ScenarioError(f"--set {item!r}: value is not valid YAML") from None
+            value = strict_yaml.load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ScenarioError(f"--set {short(item)}: value is {strict_yaml.describe(exc)}") from None
         node = out
         for key in keys[:-1]:
             if not isinstance(node.get(key), dict):
@@ -424,16 +525,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+# A scenario or sweep file is a few kB; a file larger than this is not one (and would be read whole).
+MAX_FILE_BYTES = 10 * 2**20
+
+
 def load_raw(path: str | Path) -> dict:
+    """A scenario or sweep file as a mapping: read as UTF-8, parsed by ``strict_yaml`` (no
+    duplicate keys, no alias bombs); anything else is a one-line ScenarioError."""
     p = Path(path)
+    if p.is_dir():
+        raise ScenarioError(f"{p} is a folder, not a scenario file")
     if not p.is_file():
         raise ScenarioError(f"scenario file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        if p.stat().st_size > MAX_FILE_BYTES:
+            raise ScenarioError(f"{p}: {p.stat().st_size / 2**20:.0f} MiB is too large for a scenario file "
+                                f"(at most {MAX_FILE_BYTES // 2**20} MiB)")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ScenarioError(f"{p}: cannot read the file ({exc.strerror or type(exc).__name__})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ScenarioError(f"{p}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line})") from None
+    try:
+        raw = strict_yaml.load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ScenarioError(f"{p}: not valid YAML{where}") from None
+        raise ScenarioError(f"{p}: {strict_yaml.describe(exc)}") from None
     if raw is None:
         raise ScenarioError(f"{p}: the file is empty")
     if not isinstance(raw, dict):

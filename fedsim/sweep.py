@@ -30,7 +30,6 @@ import itertools
 import json
 import math
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .outdir import OutputDirError, check_output_dir, check_output_path, claim_output_dir, hold_folder
 from .results import atomic_write
 from .scenario import Scenario, ScenarioError, apply_overrides, load_raw, parse_scenario
 
@@ -179,23 +179,46 @@ def _run_task(scenario_yaml: str, run_dir: str) -> dict:
     from .engines import run_scenario
     from .scenario import scenario_from_text
 
-    path = Path(run_dir)
-    if path.exists():
-        shutil.rmtree(path)  # an interrupted or stale run: redo it from nothing
-    return run_scenario(scenario_from_text(scenario_yaml), path, progress=False)
+    # An interrupted or stale run is redone from nothing: the claim clears its results (only
+    # fedsim's files: run_sweep has refused folders holding others) and holds the folder.
+    with claim_output_dir(run_dir, overwrite=True) as path:
+        return run_scenario(scenario_from_text(scenario_yaml), path, progress=False)
 
 
 def run_sweep(sweep: SweepFile, runs: list[SweepRun], out: str | Path, *, workers: int = 1,
               address: str | None = None, progress: bool = True) -> Path:
-    """Run what is not done yet; write runs.csv and the report. Returns the sweep folder."""
+    """Run what is not done yet; write runs.csv and the report. Returns the sweep folder.
+
+    Every output path is checked before anything is written (OutputDirError, one line), and
+    the sweep's folder is held (``fedsim.outdir.hold_folder``) while the sweep runs: a second
+    sweep of the same name into the same folder is refused rather than redoing the same runs."""
+    root = Path(out) / sweep.name
+    check_output_path(root)
+    for r in runs:
+        try:
+            check_output_path(root / "runs" / r.name)
+        except OutputDirError as exc:
+            raise OutputDirError(f"sweep run {r.name}: output folder {exc}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    with hold_folder(root):
+        todo = [r for r in runs if not completed(root / "runs" / r.name, r.scenario)]
+        for r in todo:  # each is cleared and redone: refuse a folder holding files fedsim did not write
+            try:
+                check_output_dir(root / "runs" / r.name, overwrite=True)
+            except OutputDirError as exc:
+                raise OutputDirError(f"sweep run {r.name}: output folder {exc}") from None
+        (root / "runs").mkdir(exist_ok=True)
+        atomic_write(root / "sweep.yaml", yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+        _run_todo(sweep, runs, todo, root, workers=workers, address=address, progress=progress)
+    return root
+
+
+def _run_todo(sweep: SweepFile, runs: list[SweepRun], todo: list[SweepRun], root: Path, *, workers: int,
+              address: str | None, progress: bool) -> None:
     import ray
 
     from .engines.ray import start_local_ray, stop_local_ray
 
-    root = Path(out) / sweep.name
-    (root / "runs").mkdir(parents=True, exist_ok=True)
-    atomic_write(root / "sweep.yaml", yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
-    todo = [r for r in runs if not completed(root / "runs" / r.name, r.scenario)]
     if todo:
         if address is not None:
             ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
@@ -218,7 +241,6 @@ def run_sweep(sweep: SweepFile, runs: list[SweepRun], out: str | Path, *, worker
     from .report import write_report
 
     write_report(root)
-    return root
 
 
 def _wait_all(pending: dict, total: int, done_before: int, progress: bool) -> dict[str, str]:
@@ -244,7 +266,8 @@ def _wait_all(pending: dict, total: int, done_before: int, progress: bool) -> di
 # ----------------------------------------------------------------------------- runs.csv
 
 COLUMNS = ["accuracy", "best_accuracy", "bytes_up_total", "bytes_down_total", "epsilon", "audit_worst_psnr",
-           "audit_worst_ssim", "audit_label_accuracy", "audit_i2f_psnr", "audits", "failures_total", "wall_s"]
+           "audit_worst_ssim", "audit_worst_cw_ssim", "audit_label_accuracy", "audit_i2f_psnr", "audits",
+           "failures_total", "wall_s"]
 
 
 def run_row(run_dir: Path) -> dict[str, Any]:
@@ -261,6 +284,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "epsilon": summary.get("epsilon"),
         "audit_worst_psnr": worst["psnr"] if worst else None,
         "audit_worst_ssim": max((r["ssim"] for r in scored if r.get("ssim") is not None), default=None),
+        "audit_worst_cw_ssim": max((r["cw_ssim"] for r in scored if r.get("cw_ssim") is not None), default=None),
         "audit_label_accuracy": max((r["label_accuracy"] for r in scored if r.get("label_accuracy") is not None),
                                     default=None),
         # I2F's prediction for the worst-PSNR audit (only where a defense or codec perturbed the upload)
@@ -328,9 +352,15 @@ def main(argv: list[str]) -> int:
     except ScenarioError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fedsim: interrupted during start-up; nothing was written", file=sys.stderr)
+        return 130
     start = time.perf_counter()
     try:
         root = run_sweep(sweep, runs, args.out, workers=args.workers, address=args.address, progress=not args.quiet)
+    except OutputDirError as exc:
+        print(f"fedsim: error: {exc if str(exc).startswith('sweep run') else f'output folder {exc}'}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except RuntimeError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 1

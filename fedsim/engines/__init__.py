@@ -18,13 +18,15 @@ from .identity import enter_server_identity
 RUN_ID = 1
 
 
-def server_context(scenario: Scenario, out_dir: Path, progress: bool) -> Context:
-    run_config = {"scenario-yaml": scenario.to_yaml(), "out-dir": str(out_dir), "progress": progress}
+def server_context(scenario: Scenario, out_dir: Path, progress: bool, resume: bool = False) -> Context:
+    run_config = {"scenario-yaml": scenario.to_yaml(), "out-dir": str(out_dir), "progress": progress,
+                  "resume": resume}
     return Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
 
 
-def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run ``scenario`` on its engine; results land in ``out_dir``; returns summary.json's content."""
+def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Run ``scenario`` on its engine; results land in ``out_dir``; returns summary.json's content.
+    ``resume``: continue the run in ``out_dir`` from its checkpoint (``fedsim resume``)."""
     from ..apps import client_app, server_app
 
     import torch
@@ -32,7 +34,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     out_dir = Path(out_dir)
     torch.set_num_threads(scenario.engine.torch_threads)
     enter_server_identity(RUN_ID)
-    context = server_context(scenario, out_dir, progress)
+    context = server_context(scenario, out_dir, progress, resume)
     client_config = {"scenario-yaml": context.run_config["scenario-yaml"]}
     if scenario.engine.name == "inline":
         from .inline import InlineGrid

@@ -1,0 +1,95 @@
+"""``python -m fedsim resume RUN_DIR [--quiet]``: continue an interrupted run from its checkpoint.
+
+The run goes on from the last round its checkpoint holds (``fedsim.checkpoint``; every
+``output.checkpoint_every`` rounds), on the engine of the scenario stored in RUN_DIR/scenario.yaml,
+and ends with the metrics.jsonl rows and summary.json the run would have had left alone (the
+wall-time fields aside). Rounds metrics.jsonl holds beyond the checkpoint are dropped and redone.
+
+The run holds RUN_DIR as a fresh run holds its output folder (``fedsim.outdir``, ``resume=True``):
+a resume while another process still writes the folder (the original run, another resume) is refused.
+
+Exit codes: 0 when the run completed (a run already complete says so on stderr and exits 0, so a
+scheduler may retry ``resume`` blindly until it succeeds); 2, with one line on stderr, when RUN_DIR is
+not a fedsim run, is in use by another run, has no checkpoint, or the checkpoint cannot be read; 130
+on Ctrl-C (the checkpoint stays: resume again); 1 when every client failed, as for a fresh run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        print(f"fedsim: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedsim resume", description="Continue an interrupted run from its checkpoint.")
+    p.add_argument("run_dir", help="the run's output folder (holds scenario.yaml, metrics.jsonl, checkpoint.pkl)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"fedsim: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "scenario.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        return _fail(f"{run_dir} is not a fedsim run folder (it needs scenario.yaml and metrics.jsonl)")
+    if (run_dir / "summary.json").is_file():
+        print(f"fedsim: {run_dir} is already complete (summary.json exists); nothing to do", file=sys.stderr)
+        return 0
+    try:
+        return _resume(run_dir, progress=not args.quiet)
+    except KeyboardInterrupt:  # the checkpoint is written atomically: whenever this came, it is intact
+        print(f"fedsim: interrupted; rounds completed so far are in {run_dir / 'metrics.jsonl'}; continue with "
+              f"`python -m fedsim resume {run_dir}`", file=sys.stderr)
+        return 130
+
+
+def _resume(run_dir: Path, progress: bool) -> int:
+    from .checkpoint import CheckpointError, kept_rows, load
+    from .outdir import OutputDirError, claim_output_dir
+    from .scenario import ScenarioError, scenario_from_text
+    from .world import checked_world
+
+    with contextlib.ExitStack() as held:
+        try:  # the folder is this run's from here on: a run still writing it (the original one) refuses us
+            held.enter_context(claim_output_dir(run_dir, resume=True))
+        except OutputDirError as exc:
+            return _fail(f"output folder {exc}")
+        try:
+            scenario = scenario_from_text((run_dir / "scenario.yaml").read_text())
+            # Checked before anything in RUN_DIR changes: a bad checkpoint leaves the run as it was.
+            ckpt = load(run_dir, scenario.to_yaml())
+            kept_rows(run_dir, ckpt.server_round)
+            del ckpt
+            if scenario.engine.name != "ray":  # the ray engine checks its data while Ray starts
+                checked_world(scenario.to_yaml())
+        except (ScenarioError, CheckpointError) as exc:
+            return _fail(str(exc))
+
+        from .cli import _print_table
+        from .engines import run_scenario
+        from .observers import AllClientsFailed
+
+        try:
+            summary = run_scenario(scenario, run_dir, progress=scenario.output.progress and progress, resume=True)
+        except (ScenarioError, CheckpointError) as exc:
+            return _fail(str(exc))
+        except AllClientsFailed as exc:
+            print(f"fedsim: error: {exc}; rounds so far are in {run_dir / 'metrics.jsonl'}", file=sys.stderr)
+            return 1
+    _print_table(summary, run_dir)
+    return 0
