@@ -217,11 +217,11 @@ def _run_todo(sweep: SweepFile, runs: list[SweepRun], todo: list[SweepRun], root
               address: str | None, progress: bool) -> None:
     import ray
 
-    from .engines.ray import start_local_ray, stop_local_ray
+    from .engines.ray import join_ray, start_local_ray, stop_local_ray
 
     if todo:
         if address is not None:
-            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+            join_ray(address)  # checked first: an unreachable address is one line in seconds, not a hang
         else:
             start_local_ray(workers)
         task = ray.remote(num_cpus=1, max_retries=0)(_run_task)
@@ -355,9 +355,20 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted during start-up; nothing was written", file=sys.stderr)
         return 130
+    if args.address is not None:  # before any output: a bad or unreachable address is bad input
+        from .engines.ray import check_ray_address
+
+        try:
+            check_ray_address(args.address)
+        except ScenarioError as exc:
+            print(f"fedsim: error: --address: {str(exc).removeprefix('engine.ray.address: ')}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     start = time.perf_counter()
     try:
         root = run_sweep(sweep, runs, args.out, workers=args.workers, address=args.address, progress=not args.quiet)
+    except ScenarioError as exc:  # joining the cluster failed after the check (e.g. a version mismatch)
+        print(f"fedsim: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except OutputDirError as exc:
         print(f"fedsim: error: {exc if str(exc).startswith('sweep run') else f'output folder {exc}'}", file=sys.stderr)
         return EXIT_BAD_INPUT

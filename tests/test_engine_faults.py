@@ -272,3 +272,24 @@ def test_inline_watchdog_times_a_hung_client_out_and_the_run_goes_on(small_scena
     assert rows[2]["failure_reasons"][hung].startswith(f"timeout: node busy: its call of round {HANG_ROUND} ")
     assert timeout <= rows[1]["wall_s"] < timeout + 2
     assert calls == {0: rounds, 1: rounds, 2: rounds, HUNG: rounds - 2}  # the late call's +2 never landed
+
+
+def test_a_sweep_with_an_unreachable_address_is_one_line_exit_2_within_seconds(loopback, tmp_path, capsys):
+    """``fedsim sweep --address`` goes through the same check as engine.ray.address, before any output."""
+    from fedsim.cli import main
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(small_raw()))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "s", "base": "base.yaml",
+                                                         "grid": {"train.lr": [0.1, 0.2]}}))
+    out = tmp_path / "out"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        start = time.monotonic()
+        code = main(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out), "--address", f"127.0.0.1:{port}"])
+        took = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"fedsim: error: --address: cannot reach a Ray cluster at 127.0.0.1:{port}"), err
+    assert took < 15, took
+    assert not out.exists()
