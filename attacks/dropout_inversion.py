@@ -50,7 +50,7 @@ import torch
 
 from .base import Reconstruction, register
 from .inverting_gradients import InvertingGradientsAttack
-from .objective import dropout_layers, dropout_shapes, leaf_parameters
+from .objective import dropout_layers, dropout_shapes
 from .observation import Observation
 
 SCHEDULES = ("fedsim", "reference")
@@ -83,11 +83,7 @@ class DropoutInversionAttack(InvertingGradientsAttack):
     def _run_reference(self, obs: Observation, gen: torch.Generator) -> Reconstruction:
         """The official loop's schedule (module docstring): plateau decay, patience 4000, the loss floor,
         and the lowest-loss iterate; the objective, optimiser, start and clamps are fedsim's."""
-        labels, assign_its = self._labels(obs)
-        params = leaf_parameters(obs.model)
-        target = self._target(obs)
-        lo, hi = obs.data_range
-        shape = (obs.batch_size, *obs.input_shape)
+        labels, assign_its, params, target, (lo, hi), shape = self._setup(obs)
         best, trace, total_it, all_converged = None, [], assign_its, True
         for trial in range(self.restarts):
             x = self._init_images(shape, lo, hi, gen).requires_grad_(True)

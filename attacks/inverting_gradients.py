@@ -156,12 +156,15 @@ class InvertingGradientsAttack(Attack):
     def _extra_leaves(self, obs: Observation, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return {}
 
-    def _run(self, obs: Observation, gen: torch.Generator) -> Reconstruction:
+    def _setup(self, obs: Observation):
+        """What every trial of the search shares: (labels, the iterations spent placing them, the model's
+        leaf parameters, the target, the data range's (lo, hi), the images' shape)."""
         labels, assign_its = self._labels(obs)
-        params = leaf_parameters(obs.model)
-        target = self._target(obs)
-        lo, hi = obs.data_range
-        shape = (obs.batch_size, *obs.input_shape)
+        return (labels, assign_its, leaf_parameters(obs.model), self._target(obs), obs.data_range,
+                (obs.batch_size, *obs.input_shape))
+
+    def _run(self, obs: Observation, gen: torch.Generator) -> Reconstruction:
+        labels, assign_its, params, target, (lo, hi), shape = self._setup(obs)
         best, trace_all, total_it, all_converged = None, [], assign_its, True
         for trial in range(self.restarts):
             x = self._init_images(shape, lo, hi, gen).requires_grad_(True)

@@ -67,10 +67,9 @@ class DpSgdParams(BaseModel):
     # ghost (Opacus's fast gradient clipping, Li et al. ICLR 2022) computes only their norms,
     # exactly, for Linear and Embedding layers (other layers fall back to per-sample gradients),
     # then backpropagates the loss once more, each sample's term scaled by its clipping factor.
-    # auto: ghost when every layer with parameters is Linear (where it never forms per-sample
-    # gradients; 0.85x ew's round on W1), else ew (ghost's fallback made LeNet's round 1.2x ew's):
-    # benchmarks/defenses.py, README "DP-SGD cost".
-    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = "auto"
+    # ew is the default: the fastest round measured on W1 and LeNet (benchmarks/defenses.py,
+    # README "DP-SGD cost"; ghost's steps are cheaper on W1 alone, its rounds were not).
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "ew"
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> "DpSgdParams":
@@ -165,14 +164,6 @@ class _CountingDPOptimizer:
                     _mark_as_processed(p.grad_sample)
 
         return Counting(optimizer, **kwargs)
-
-
-def resolved_mode(mode: str, model: nn.Module) -> str:
-    """The Opacus mode ``auto`` stands for on ``model`` (the others stand for themselves)."""
-    if mode != "auto":
-        return mode
-    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    return "ghost" if all(isinstance(m, nn.Linear) for m in layers) else "ew"
 
 
 def _ghost_clipping(model: nn.Module, sgd: torch.optim.Optimizer, max_grad_norm: float, dp_settings: dict):
@@ -285,11 +276,10 @@ class PrivateTraining:
         dp_settings = dict(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                            expected_batch_size=max(1, int(n * q)),  # as PrivacyEngine.make_private sets it
                            loss_reduction="mean", generator=noise_gen)
-        mode = resolved_mode(p.grad_sample_mode, model)
-        if mode == "ghost":
+        if p.grad_sample_mode == "ghost":
             gsm, optimizer, batch_loss = _ghost_clipping(model, sgd, p.max_grad_norm, dp_settings)
         else:
-            gsm = wrap_model(model, mode, batch_first=True, loss_reduction="mean")
+            gsm = wrap_model(model, p.grad_sample_mode, batch_first=True, loss_reduction="mean")
             optimizer = _CountingDPOptimizer.build(sgd, **dp_settings)
 
             def batch_loss(x, y):
@@ -347,8 +337,7 @@ def private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: d
     params = list(model.parameters())
     # One gradient, not a training loop: ghost clipping's two passes buy nothing here, and hooks
     # gives the same clipped sum.
-    mode = resolved_mode(p.grad_sample_mode, model)
-    mode = "hooks" if mode == "ghost" else mode
+    mode = "hooks" if p.grad_sample_mode == "ghost" else p.grad_sample_mode
     gsm = wrap_model(model, mode, batch_first=True, loss_reduction="sum")
     try:
         for prm in params:

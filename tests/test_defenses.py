@@ -425,7 +425,7 @@ def test_empty_poisson_batches_step_with_noise_alone_in_every_mode():
 
     raw = small_raw(data__num_clients=40, train__batch_size=1)
     ups = {}
-    for mode in ("ew", "hooks", "functorch", "ghost", "auto"):
+    for mode in ("ew", "hooks", "functorch", "ghost"):
         sent, ups[mode], metrics = _train_once({"name": "dp_sgd", "noise_multiplier": 1.0, "grad_sample_mode": mode}, raw)
     n = int(metrics["num-examples"])
     settings = TrainSettings.from_config(ConfigRecord(client_config(ServerSettings(seed=0, num_clients=40, lr=0.1,
@@ -436,7 +436,6 @@ def test_empty_poisson_batches_step_with_noise_alone_in_every_mode():
         assert torch.allclose(ups["ew"][k], ups["hooks"][k], atol=1e-6)
         assert torch.allclose(ups["ew"][k], ups["functorch"][k], atol=1e-6)
         assert torch.allclose(ups["ew"][k], ups["ghost"][k], atol=1e-6)
-        assert torch.equal(ups["auto"][k], ups["ghost"][k])  # an MLP: auto is ghost
 
 
 def test_dp_user_client_clipping_clips_the_audit_gradient_answer():
@@ -494,11 +493,3 @@ def test_update_audit_says_the_replay_leaves_the_defense_out(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["exact_replay"] is False and "prune" in rows[0]["note"]
 
-
-def test_auto_mode_is_ghost_clipping_for_linear_models_and_expanded_weights_otherwise():
-    from defenses.dp_sgd import resolved_mode
-    from fedsim.models import build_model
-
-    assert resolved_mode("auto", build_model("mlp", 1, 8, 10, hidden=(32,))) == "ghost"
-    assert resolved_mode("auto", build_model("lenet", 1, 16, 10)) == "ew"  # convolutions
-    assert resolved_mode("hooks", build_model("mlp", 1, 8, 10)) == "hooks"
