@@ -15,7 +15,7 @@ random vector (Gaussian times U^4). For each codec, on one torch thread, the bes
 Targets at 11M values: dgc, topk, sign and terngrad core within 10x of the copy; sketch and
 countsketch within 40x; the sketch near-linear in d (11M costs at most 150x what 100k costs).
 
-Usage: python benchmarks/codecs.py [--repeats 3] [--only topk,sketch] [--small-only]
+Usage: python benchmarks/codecs.py [--repeats 10] [--only topk,sketch] [--small-only]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def bench(name: str, sizes: list[int], x: torch.Tensor, repeats: int, copy_s: fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--only", default="none,topk,dgc,sign,terngrad,ef21,sketch,countsketch")
     ap.add_argument("--small-only", action="store_true")
     args = ap.parse_args()
