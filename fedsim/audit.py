@@ -455,4 +455,5 @@ class AuditObserver(RoundObserver):
             return {"audits": len(self.rows)}
         worst = max(scored, key=lambda r: r["psnr"])
         return {"audits": len(self.rows), "audit_worst_psnr": worst["psnr"], "audit_worst_psnr_round": worst["round"],
-                "audit_worst_psnr_client": worst["client"], "audit_worst_ssim": max(r["ssim"] for r in scored)}
+                "audit_worst_psnr_client": worst["client"], "audit_worst_ssim": max(r["ssim"] for r in scored),
+                "audit_worst_cw_ssim": max((r["cw_ssim"] for r in scored if r.get("cw_ssim") is not None), default=None)}

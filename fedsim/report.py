@@ -127,6 +127,7 @@ def _run_body(root: Path) -> tuple[str, str]:
         ["rounds", summary.get("rounds")], ["bytes up", summary.get("bytes_up_total")],
         ["bytes down", summary.get("bytes_down_total")], ["client failures", summary.get("failures_total")],
         ["epsilon", summary.get("epsilon")], ["audit: worst PSNR (dB)", summary.get("audit_worst_psnr")],
+        ["audit: worst CW-SSIM", summary.get("audit_worst_cw_ssim")],
         ["wall time (s)", summary.get("wall_s")]])]
 
     def accuracy(ax):
@@ -208,10 +209,12 @@ def _sweep_body(root: Path) -> tuple[str, str]:
     stats = []
     for label, rs in groups.items():
         s = {"setting": label, "runs": len(rs)}
-        for c in ("accuracy", "best_accuracy", "bytes_up_total", "epsilon", "audit_worst_psnr", "audit_worst_ssim"):
+        for c in ("accuracy", "best_accuracy", "bytes_up_total", "epsilon", "audit_worst_psnr", "audit_worst_ssim",
+                  "audit_worst_cw_ssim"):
             s[c] = _mean_sd([r.get(c) for r in rs])
         stats.append(s)
-    header = ["setting", "runs", "accuracy", "best accuracy", "MB up", "epsilon", "audit worst PSNR", "audit SSIM"]
+    header = ["setting", "runs", "accuracy", "best accuracy", "MB up", "epsilon", "audit worst PSNR", "audit SSIM",
+              "audit CW-SSIM"]
 
     def cell(ms, scale=1.0, digits=3):
         m, sd = ms
@@ -220,7 +223,7 @@ def _sweep_body(root: Path) -> tuple[str, str]:
     parts.append("<h2>Settings (mean ± std over seeds)</h2>")
     parts.append(_table(header, [[s["setting"], s["runs"], cell(s["accuracy"]), cell(s["best_accuracy"]),
                                   cell(s["bytes_up_total"], 1e-6), cell(s["epsilon"]), cell(s["audit_worst_psnr"]),
-                                  cell(s["audit_worst_ssim"])] for s in stats]))
+                                  cell(s["audit_worst_ssim"]), cell(s["audit_worst_cw_ssim"])] for s in stats]))
 
     def frontier(xkey, ykey, xlabel, ylabel, xscale=1.0):
         def draw(ax):

@@ -44,6 +44,7 @@ def test_gradient_audit_recovers_an_undefended_image_and_leaves_training_alone(t
         assert r["psnr"] >= 30 and r["label_accuracy"] == 1.0
         assert (tmp_path / "on" / "audit" / r["reconstruction"]).stat().st_size > 100
     assert summary["audit_worst_psnr"] == max(r["psnr"] for r in rows)
+    assert summary["audit_worst_cw_ssim"] == max(r["cw_ssim"] for r in rows) > 0.9  # breaching's CW-SSIM
     assert summary["audits"] == 4
 
 
