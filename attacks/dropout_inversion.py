@@ -94,16 +94,7 @@ class DropoutInversionAttack(InvertingGradientsAttack):
                                                                  patience=PLATEAU_PATIENCE)
             trial_best, trial_x, best_it, stale, converged = math.inf, x.detach().clone(), 0, 0, False
             for it in range(self.iterations):
-                loss = self._objective(obs, params, x, labels, masks, target)
-                grads = torch.autograd.grad(loss, leaves)
-                x.grad = grads[0].sign() if self.signed else grads[0]
-                for leaf, g in zip(leaves[1:], grads[1:]):
-                    leaf.grad = g
-                opt.step()
-                with torch.no_grad():
-                    x.clamp_(lo, hi)
-                    self._project_masks(masks)
-                loss_v = float(loss.detach())
+                loss_v = self._step(obs, params, x, labels, masks, target, {}, leaves, opt, (lo, hi))
                 trace.append(loss_v)
                 total_it += 1
                 self._notify(total_it, x)

@@ -176,17 +176,7 @@ class InvertingGradientsAttack(Attack):
             stop = ConvergenceStop(self.stop_patience, self.stop_tol)
             converged = False
             for it in range(self.iterations):
-                loss = self._objective_with(obs, params, x, labels, masks, target, extra)
-                grads = torch.autograd.grad(loss, leaves)
-                x.grad = grads[0].sign() if self.signed else grads[0]
-                for leaf, g in zip(leaves[1:], grads[1:]):
-                    leaf.grad = g
-                opt.step()
-                with torch.no_grad():
-                    x.clamp_(lo, hi)
-                    self._project_masks(masks)
-                    self._project_extra(extra)
-                loss_v = float(loss.detach())
+                loss_v = self._step(obs, params, x, labels, masks, target, extra, leaves, opt, (lo, hi))
                 trace_all.append(loss_v)
                 total_it += 1
                 self._notify(total_it, x)
@@ -221,6 +211,21 @@ class InvertingGradientsAttack(Attack):
 
     def _param_groups(self, x, others, extra):
         return [{"params": [x] + others, "lr": self.lr}]
+
+    def _step(self, obs, params, x, labels, masks, target, extra, leaves, opt, box) -> float:
+        """One iteration: the objective's gradient (signed for x if ``signed``), an Adam step, then x
+        clamped to ``box`` and the other leaves projected. Returns the loss before the step."""
+        loss = self._objective_with(obs, params, x, labels, masks, target, extra)
+        grads = torch.autograd.grad(loss, leaves)
+        x.grad = grads[0].sign() if self.signed else grads[0]
+        for leaf, g in zip(leaves[1:], grads[1:]):
+            leaf.grad = g
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(*box)
+            self._project_masks(masks)
+            self._project_extra(extra)
+        return float(loss.detach())
 
     def _objective_with(self, obs, params, x, labels, masks, target, extra):
         return self._objective(obs, params, x, labels, masks, target)
