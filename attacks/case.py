@@ -45,8 +45,8 @@ def build_case(
     distinct_labels: bool = False,
 ) -> VictimCase:
     """Build the victim case for one seed (model init, batch choice and masks all seeded)."""
-    from fedsim.data import load_dataset
-    from fedsim.models import build_model
+    from fedsim.world.data import load_dataset
+    from fedsim.world.models import build_model
 
     if threat not in ("gradient", "update"):
         raise ValueError("threat must be gradient or update")
@@ -99,9 +99,9 @@ def build_case(
 
 def _check_memory(model: str, dataset: str, image_size: int | None) -> None:
     """Refuse an image size whose data set or model cannot be allocated, before either is
-    (``fedsim.memory``: a lower bound, one line naming the setting)."""
-    from fedsim import memory
-    from fedsim.data import nominal_shape
+    (``fedsim.world.memory``: a lower bound, one line naming the setting)."""
+    from fedsim.world import memory
+    from fedsim.world.data import nominal_shape
 
     n, c, side = nominal_shape(dataset, image_size=image_size)
     key = "image_size" if image_size else "dataset"

@@ -23,6 +23,7 @@ import torch
 
 from .base import ATTACKS, build_attack
 from .metrics import evaluate
+from .pictures import save_grid
 
 MODELS = ("mlp", "lenet", "cnn", "resnet18")
 DATASETS = ("digits", "synthetic", "patches", "mnist", "cifar10")
@@ -116,11 +117,11 @@ def resolve(argv: list[str] | None) -> dict:
     if args.config:
         import yaml
 
-        from fedsim import strict_yaml
+        from fedsim.scenario import strict_yaml
 
         try:
             loaded = strict_yaml.load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:  # duplicate keys and alias bombs included (fedsim.strict_yaml)
+        except yaml.YAMLError as exc:  # duplicate keys and alias bombs included (fedsim.scenario.strict_yaml)
             raise UsageError(f"config {args.config}: {strict_yaml.describe(exc)}")
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read config {args.config}: {(str(exc).splitlines() or [''])[0][:200]}")
@@ -162,7 +163,7 @@ def resolve(argv: list[str] | None) -> dict:
         ATTACKS[settings["attack"]](**attack_config(settings, None))
     except (TypeError, ValueError) as exc:
         raise UsageError(f"attack_config: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")
-    from fedsim.outdir import OutputDirError, check_output_dir
+    from fedsim.run.outdir import OutputDirError, check_output_dir
 
     try:  # the output folder too: found unusable now, not after the attack ran
         check_output_dir(settings["out"], overwrite=settings["overwrite"])
@@ -199,30 +200,6 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
-def save_grid(path: Path, truth: torch.Tensor | None, recon: torch.Tensor) -> None:
-    """True images on the top row, matched reconstructions below (PNG, atomic); without the
-    truth (a server that has none), the reconstructions alone."""
-    from PIL import Image
-
-    tile = max(64, recon.shape[-1])
-    rows = []
-    for batch in (recon,) if truth is None else (truth, recon):
-        imgs = []
-        for img in batch.clamp(0, 1):
-            arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            if arr.shape[2] == 1:
-                arr = arr[:, :, 0]
-            im = Image.fromarray(arr).resize((tile, tile), Image.NEAREST).convert("RGB")
-            imgs.append(np.asarray(im))
-        rows.append(np.concatenate(imgs, axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.fchmod(fd, 0o644)
-    os.close(fd)
-    grid.save(tmp)
-    os.replace(tmp, path)
-
-
 def run(settings: dict) -> dict:
     from .case import build_case
 
@@ -235,7 +212,7 @@ def run(settings: dict) -> dict:
                       dropout=settings["dropout"], image_size=settings["image_size"],
                       init=settings["init"], labels_known=settings["labels_known"])
     attack = build_attack(settings["attack"], **attack_config(settings, case))
-    from fedsim.outdir import claim_output_dir
+    from fedsim.run.outdir import claim_output_dir
 
     # Held from before the attack until its results are written: no other run writes here meanwhile.
     with claim_output_dir(settings["out"], overwrite=settings["overwrite"]) as out:

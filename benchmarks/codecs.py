@@ -38,7 +38,7 @@ TARGETS = {"topk": 10, "dgc": 10, "sign": 10, "terngrad": 10, "sketch": 40, "cou
 
 
 def resnet18_sizes() -> list[int]:
-    from fedsim.models import build_model
+    from fedsim.world.models import build_model
 
     model = build_model("resnet18", 3, 32, 10, seed=0)
     return [v.numel() for v in model.state_dict().values() if v.is_floating_point()]

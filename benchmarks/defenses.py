@@ -59,7 +59,7 @@ def workload(name: str, rounds: int, defense=None) -> dict:
 
 def fedsim_round_ms(raw: dict) -> tuple[float, float]:
     from fedsim.engines import run_scenario
-    from fedsim.results import read_metrics
+    from fedsim.run.results import read_metrics
     from fedsim.scenario import parse_scenario
 
     with tempfile.TemporaryDirectory() as out:
@@ -73,7 +73,7 @@ def opacus_round_ms(raw: dict, rounds: int, mode: str) -> tuple[float, float]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fedsim.observers import evaluate
+    from fedsim.run.observers import evaluate
     from fedsim.scenario import parse_scenario
     from fedsim.world import build_world
 

@@ -21,7 +21,7 @@ and the cost of the checkpoint `fedsim resume` reads (written every round by def
   inline-nockpt  the inline run with ``output.checkpoint_every: 0``: (median time between two
                  rounds' ends with checkpoints - without) / without, the two runs measured here
   ckpt           the inline run in this benchmark's child process, timing every checkpoint write
-                 (``fedsim.checkpoint.Checkpointer``): the median of each write / its round's
+                 (``fedsim.run.checkpoint.Checkpointer``): the median of each write / its round's
                  ``wall_s`` (the figure the target is for: the on/off pair is two runs, and on a
                  shared machine the load can drift between them by more than the checkpoint costs)
 
@@ -155,7 +155,7 @@ def run_flower(rounds: int) -> None:
     from flwr.simulation import run_simulation
     from torch import nn
 
-    from fedsim.engines.ray import bind_ray_to_loopback
+    from fedsim.engines.ray_cluster import bind_ray_to_loopback
 
     class Net(nn.Module):
         def __init__(self):
@@ -172,7 +172,7 @@ def run_flower(rounds: int) -> None:
         from flwr_datasets.partitioner import IidPartitioner
         from torch.utils.data import DataLoader
 
-        from fedsim.data import load_dataset
+        from fedsim.world.data import load_dataset
 
         if "partitioner" not in cache:
             ds = load_dataset("digits")  # in memory, instead of the quick-start's hub download
@@ -217,7 +217,7 @@ def run_flower(rounds: int) -> None:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedsim.data import load_dataset
+        from fedsim.world.data import load_dataset
 
         test = load_dataset("digits")
 
@@ -250,9 +250,9 @@ def run_ckpt(rounds: int) -> None:
     sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
     import torch
 
-    from fedsim import checkpoint
+    from fedsim.run import checkpoint
     from fedsim.engines import run_scenario
-    from fedsim.results import read_metrics
+    from fedsim.run.results import read_metrics
     from fedsim.scenario import parse_scenario
 
     torch.set_num_threads(1)

@@ -1,10 +1,12 @@
 """The client's side of every defense, read from the training (or audit query) message alone.
 
 The server puts the ordered list of client-side defense steps in the config under
-``defenses`` (JSON, each step a defense's settings with its ``name``); a client applies
-them in that order: ``dp_sgd`` changes local training itself (``private_training``), and
-``clip``, ``prune``, ``noise`` transform the update after training, before the codec
-(``defend_upload``), and the audit's gradient answer the same way (``defend_gradient``).
+``defenses`` (JSON, each step a defense's settings with its ``name``); a defense may also be
+asked for by a key of its own (Flower's DP wrappers put theirs in the config). A client builds
+each step's ``ClientDefense`` (``defenses.base``) from the registry and applies them in that
+order: the in-training hook (``private_training``), the update transforms after training and
+before the codec (``defend_upload``), the audit's gradient answer the same way
+(``defend_gradient``), and the wrappers of the whole call. Nothing here names a defense.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from . import upload_transforms as ut
+from .base import ClientDefense, transform_generator
 
 DEFENSES_KEY = "defenses"
 
@@ -24,55 +26,53 @@ def client_steps(config: ConfigRecord | dict) -> list[dict[str, Any]]:
     return json.loads(str(config[DEFENSES_KEY])) if DEFENSES_KEY in config else []
 
 
-def private_training(config: ConfigRecord | dict, state: RecordDict):
-    """Opacus DP-SGD for this round's local training when the message asks for it, else None."""
-    from .dp_sgd import PrivateTraining
+def client_defenses(config: ConfigRecord | dict) -> list[ClientDefense]:
+    """The client halves this message asks for: its steps in order, then those a key of their own activates."""
+    from .registry import DEFENSES
 
-    step = next((s for s in client_steps(config) if s["name"] == "dp_sgd"), None)
-    return PrivateTraining(step, state) if step is not None else None
-
-
-def transform(update: dict[str, torch.Tensor], steps: list[dict[str, Any]], generator: torch.Generator
-              ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """``update`` through the clip/prune/noise steps in order; metrics of what they did."""
-    metrics: dict[str, float] = {}
-    for step in steps:
-        if step["name"] == "clip":
-            update, clipped = ut.clip(update, float(step["max_norm"]))
-            metrics["defense-update-clipped"] = float(clipped)
-        elif step["name"] == "prune":
-            update = ut.prune(update, float(step["ratio"]))
-        elif step["name"] == "noise":
-            update = ut.noise(update, float(step["variance"]), str(step["distribution"]), generator)
-    return update, metrics
+    steps = client_steps(config)
+    out = [DEFENSES[s["name"]].Client(s) for s in steps if DEFENSES[s["name"]].Client is not None]
+    listed = {s["name"] for s in steps}
+    out += [cls.Client({"name": name}) for name, cls in DEFENSES.items()
+            if name not in listed and cls.Client is not None and cls.Client.activated_by(config)]
+    return out
 
 
-def _post_steps(config) -> list[dict[str, Any]]:
-    return [s for s in client_steps(config) if s["name"] in ("clip", "prune", "noise")]
+def private_training(defenses: list[ClientDefense], state: RecordDict):
+    """The in-training hook of this round's local training (DP-SGD's), else None."""
+    return next((p for p in (d.private_training(state) for d in defenses) if p is not None), None)
 
 
-def defend_upload(upload, config: ConfigRecord, partition_id: int) -> dict[str, float]:
-    """Apply the clip/prune/noise steps to ``upload``'s update in place; their metrics."""
-    steps = _post_steps(config)
-    if not steps:
+def defend_upload(upload, defenses: list[ClientDefense], config: ConfigRecord, partition_id: int) -> dict[str, float]:
+    """Apply the update transforms to ``upload``'s update in place, in order; their metrics."""
+    transforms = [d for d in defenses if d.transforms()]
+    if not transforms:
         return {}  # untouched: the weights travel exactly as trained
-    gen = ut.noise_generator(int(config["seed"]), int(config["server-round"]), partition_id)
-    update, metrics = transform(upload.delta(), steps, gen)
+    gen = transform_generator(int(config["seed"]), int(config["server-round"]), partition_id)
+    update, metrics = upload.delta(), {}
+    for d in transforms:
+        update, m = d.transform(update, gen, config)
+        metrics.update(m)
     upload.weights = {k: (upload.sent[k] + update[k]).to(w.dtype) if k in update else w
                       for k, w in upload.weights.items()}
     return metrics
 
 
-def defend_gradient(grads: dict[str, torch.Tensor], config: ConfigRecord, partition_id: int
-                    ) -> dict[str, torch.Tensor]:
-    """The audit's gradient answer through the same clip/prune/noise steps (own noise draw), then
-    dp_user's client-side clipping (Flower's mod clips last, after the ClientApp's own steps)."""
-    from .dp_user import QUERY_CLIP_KEY
-
-    steps = _post_steps(config)
-    if steps:
-        gen = ut.noise_generator(int(config["seed"]), int(config["server-round"]), partition_id, audit=True)
-        grads = transform(grads, steps, gen)[0]
-    if QUERY_CLIP_KEY in config:
-        grads = ut.clip(grads, float(config[QUERY_CLIP_KEY]))[0]
+def defend_gradient(grads: dict[str, torch.Tensor], defenses: list[ClientDefense], config: ConfigRecord,
+                    partition_id: int) -> dict[str, torch.Tensor]:
+    """The audit's gradient answer through the same defenses, in the same order (its own noise draw)."""
+    gen = transform_generator(int(config["seed"]), int(config["server-round"]), partition_id, audit=True)
+    for d in defenses:
+        grads = d.transform_gradient(grads, gen, config)
     return grads
+
+
+def wrap_call(call, defenses: list[ClientDefense], config: ConfigRecord):
+    """The client's train call inside every defense's wrapper (the first defense outermost)."""
+    for d in reversed(defenses):
+        call = d.wrap_call(call, config)
+    return call
+
+
+def reply_metrics(defenses: list[ClientDefense], config: ConfigRecord) -> dict[str, float]:
+    return {k: v for d in defenses for k, v in d.reply_metrics(config).items()}

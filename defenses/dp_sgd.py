@@ -44,12 +44,11 @@ from flwr.app import ConfigRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .base import Defense
+from .base import ClientDefense, Defense, DefenseSetting
 
-POISSON_STREAM = 8   # Poisson batch sampling, derived from the client's round seed (fedsim/world.py)
+POISSON_STREAM = 8   # Poisson batch sampling, derived from the client's round seed (fedsim/world/build.py)
 DP_NOISE_STREAM = 9  # DP-SGD's gradient noise, likewise
 STATE_KEY = "dp_sgd.accountant"
-PRIVATE_STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedce")
 
 
 class DpSgdParams(BaseModel):
@@ -89,13 +88,51 @@ def refusal(model: nn.Module) -> str | None:
 # ----------------------------------------------------------------------------- server side
 
 
+class DpSgdClient(ClientDefense):
+    """The client half: Opacus on the ``LocalTrainer``, and the audit's gradient answer privatised alike."""
+
+    def private_training(self, state: RecordDict) -> "PrivateTraining":
+        return PrivateTraining(self.step, state)
+
+    def private_gradient(self, model, x, y, config, num_examples, seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            model.train()
+            return private_gradient(model, x, y, self.step, num_examples, int(config["batch-size"]),
+                                    int(config["local-epochs"]), torch.Generator().manual_seed(seed + 1))
+
+
 class DpSgd(Defense):
-    def __init__(self, params: DpSgdParams, num_clients: int, sampled_per_round: int, seed: int, rounds: int = 1):
-        self.params, self.rounds = params, rounds
+    name = "dp_sgd"
+    Params = DpSgdParams
+    Client = DpSgdClient
+    accounts_epsilon = True
+
+    def __init__(self, params: DpSgdParams, setting: DefenseSetting):
+        super().__init__(params, setting)
+        self.rounds = setting.rounds
         self.epsilons: dict[int, float] = {}  # partition id -> epsilon so far
+
+    @classmethod
+    def check(cls, params: DpSgdParams, scenario: Any, at: tuple[str, ...]) -> None:
+        """A strategy whose local step Opacus can privatise, and a model Opacus handles."""
+        from strategies import get_strategy, strategy_names
+        from strategies.rules import RuleViolation
+
+        private = [n for n in strategy_names() if get_strategy(n).plain_local_step]
+        if not get_strategy(scenario.strategy.name).plain_local_step:
+            raise RuleViolation((*at, "name"), f"dp_sgd privatises the plain local SGD step of {', '.join(private)}; "
+                                f"{scenario.strategy.name}'s step takes extra gradients (SAM, synthetic features) "
+                                f"that Opacus cannot clip per sample")
+        reason = refusal(scenario.nominal_model())
+        if reason:
+            raise RuleViolation(("model", "name"), f"dp_sgd: Opacus cannot train {scenario.model.name}: {reason}")
 
     def client_step(self) -> dict[str, Any]:
         return {**self.params.model_dump(), "rounds": self.rounds}
+
+    def report_keys(self) -> tuple[str, ...]:
+        return ("clip_fraction",)
 
     def on_round(self, record) -> None:
         self.round_eps, self.round_clip = {}, []

@@ -43,12 +43,14 @@ from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, Neighboring
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import Defense
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from .base import ClientDefense, Defense, DefenseSetting
 
 UNIFORM_WEIGHT_KEY = "uniform-weight"
 ADAPTIVE_KEY = "dp-user-adaptive"  # tells the client to answer with Flower's adaptiveclipping_mod
 QUERY_CLIP_KEY = "dp-user-clipping-norm"  # the audit's gradient query: clip the answer as the mod clips an update
-NOISE_STREAM = 5  # of the scenario seed (fedsim/world.py lists the others)
+NOISE_STREAM = 5  # of the scenario seed (fedsim/world/build.py lists the others)
 
 
 class _SeededNoise:
@@ -126,10 +128,77 @@ def adaptive_refusal(p: DpUserParams, sampled: int) -> str | None:
     return None
 
 
+class FlowerClientClipping(ClientDefense):
+    """The client half: Flower's own client-side clipping mod, asked for by the key Flower's client-side
+    wrapper puts in the config; the audit's gradient answer clipped alike, last (the mod clips the
+    finished reply); and the uniform weight the server averages by."""
+
+    replay_exact = True  # the audit's notes have always left Flower's clipping out of "the replay leaves out"
+
+    @classmethod
+    def activated_by(cls, config) -> bool:
+        return any(k in config for k in (UNIFORM_WEIGHT_KEY, KEY_CLIPPING_NORM, QUERY_CLIP_KEY))
+
+    def perturbs(self, config) -> bool:
+        return KEY_CLIPPING_NORM in config
+
+    def wrap_call(self, call, config):
+        if KEY_CLIPPING_NORM not in config:
+            return call  # server-side clipping: the client sends its update as trained
+        from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+        mod = adaptiveclipping_mod if config.get(ADAPTIVE_KEY) else fixedclipping_mod
+        return lambda msg, context: mod(msg, context, call)
+
+    def transform_gradient(self, grads, generator, config):
+        if QUERY_CLIP_KEY not in config:
+            return grads
+        from .clip import clip
+
+        return clip(grads, float(config[QUERY_CLIP_KEY]))[0]
+
+    def reply_metrics(self, config) -> dict[str, float]:
+        return {UNIFORM_WEIGHT_KEY: 1.0} if config.get(UNIFORM_WEIGHT_KEY) else {}
+
+
 class FlowerUserDP(Defense):
-    def __init__(self, params: DpUserParams, num_clients: int, sampled_per_round: int, seed: int):
-        self.params, self.num_clients, self.sampled, self.seed = params, num_clients, sampled_per_round, seed
+    name = "dp_user"
+    Params = DpUserParams
+    Client = FlowerClientClipping
+    accounts_epsilon = True
+
+    def __init__(self, params: DpUserParams, setting: DefenseSetting):
+        super().__init__(params, setting)
+        self.num_clients, self.sampled, self.seed = setting.num_clients, setting.sampled_per_round, setting.seed
         self.wrapper: ClientSideFixedClipping | ServerSideFixedClipping | None = None
+
+    @classmethod
+    def check(cls, params: DpUserParams, scenario: Any, at: tuple[str, ...]) -> None:
+        """Flower's accounted wrappers need FedAvg's own aggregation and a fixed sample size; client-side
+        clipping clips the reply's ``arrays``, which an upload codec replaces."""
+        from strategies import get_strategy
+        from strategies.base import fixed_sample_size
+        from strategies.rules import RuleViolation
+
+        if params.clipping == "client" and scenario.upload_codec() != "none":
+            raise RuleViolation(("upload", "codec"), "dp_user with clipping: client clips the uncompressed reply "
+                                "(Flower's fixedclipping_mod); use clipping: server with an upload codec")
+        strategy = scenario.strategy.name
+        if not get_strategy(strategy).uses_flower_aggregation():
+            raise RuleViolation((*at, "name"), f"dp_user (Flower's DP strategy wrapper) needs a strategy that "
+                                f"aggregates with Flower's FedAvg.aggregate_train (fedavg, fedprox); {strategy} "
+                                f"has its own rule")
+        if scenario.train.sampling != "fixed":
+            raise RuleViolation(("train", "sampling"), "dp_user's accountant needs a fixed number of clients "
+                                "per round: use sampling: fixed")
+        if params.adaptive:
+            reason = adaptive_refusal(params, fixed_sample_size(scenario.data.num_clients,
+                                                                scenario.train.participation))
+            if reason:
+                raise RuleViolation((*at, "noise_multiplier"), reason)
+
+    def client_step(self) -> None:
+        return None  # the client half acts on the keys Flower's wrappers and train_config put in the config
 
     def wrap_server(self, strategy: Strategy) -> Strategy:
         p = self.params

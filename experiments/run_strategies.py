@@ -2,7 +2,7 @@
 
     python experiments/run_strategies.py [--seeds 0 1 2] [--jobs 2] [--rounds N]
 
-The runs are a sweep (``fedsim.sweep``; the same grid as experiments/sweeps/strategies_noniid.yaml,
+The runs are a sweep (``fedsim.compare.sweep``; the same grid as experiments/sweeps/strategies_noniid.yaml,
 which ``python -m fedsim sweep`` runs alone): a grid over the strategy block and the seed,
 Ray tasks, resumable, its runs.csv and report.html under runs/sweeps/<name>/. This script
 adds the table the sweep does not make (rounds to FedAvg's best).
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         keep = {"fedavg", *args.only}
         methods = {m: block for m, block in methods.items() if block["name"] in keep}
-    from fedsim.results import read_metrics
-    from fedsim.sweep import SweepFile, expand_runs, run_sweep
+    from fedsim.run.results import read_metrics
+    from fedsim.compare.sweep import SweepFile, expand_runs, run_sweep
 
     sweep = SweepFile(name=args.name, base=str(SCENARIO), set={"train.rounds": args.rounds} if args.rounds else {},
                       grid={"strategy": list(methods.values()), "seed": args.seeds})

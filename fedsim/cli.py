@@ -1,12 +1,12 @@
 """Command line: ``python -m fedsim SCENARIO.yaml [--set k.p=v ...] [--out DIR]`` runs a
 scenario; ``python -m fedsim validate SCENARIO.yaml`` only checks it; ``python -m fedsim
-sweep SWEEP.yaml`` runs a grid of scenarios (``fedsim.sweep``) and ``python -m fedsim report
-DIR`` writes a run's or a sweep's HTML page (``fedsim.report``); ``python -m fedsim deploy
+sweep SWEEP.yaml`` runs a grid of scenarios (``fedsim.compare.sweep``) and ``python -m fedsim report
+DIR`` writes a run's or a sweep's HTML page (``fedsim.compare.report``); ``python -m fedsim deploy
 SCENARIO.yaml --superlink NAME`` runs it on a SuperLink, streaming its logs (``fedsim.deploy.follow``).
 
 Bad input (file, keys, values, data that cannot be loaded, sizes that cannot be allocated, an
 output directory that cannot be used) is one line on stderr and exit code 2, before any output
-directory exists. A run holds its output directory for as long as it runs (``fedsim.outdir``):
+directory exists. A run holds its output directory for as long as it runs (``fedsim.run.outdir``):
 a second run on it exits 2, and one holding an earlier run's results needs ``--overwrite``.
 Ctrl-C during start-up is one line and exit code 130, with nothing written.
 """
@@ -20,18 +20,12 @@ import sys
 import warnings
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        print(f"fedsim: error: {message.splitlines()[0][:500] if message else 'bad arguments'}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
+from .console import EXIT_BAD_INPUT, Parser, print_table
 
 
 def _parser(validate: bool) -> argparse.ArgumentParser:
-    p = _Parser(prog="fedsim validate" if validate else "fedsim",
-                description="Check a scenario." if validate else "Run a federated-learning scenario.")
+    p = Parser(prog="fedsim validate" if validate else "fedsim",
+               description="Check a scenario." if validate else "Run a federated-learning scenario.")
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a scenario key (repeatable), e.g. --set train.rounds=5")
@@ -49,9 +43,9 @@ def prepare(path: str, overrides: list[str], *, check_data: bool = True):
     Raises ScenarioError on bad input. The ray engine checks the data itself, while Ray
     starts (RayGrid), still before any output exists.
     """
-    from .memory import MemoryRefused
-    from .scenario import ScenarioError, load_scenario
-    from .world import check_memory, checked_world
+    from .world.memory import MemoryRefused
+    from .scenario.schema import ScenarioError, load_scenario
+    from .world.build import check_memory, checked_world
 
     scenario = load_scenario(path, overrides)
     try:
@@ -63,39 +57,11 @@ def prepare(path: str, overrides: list[str], *, check_data: bool = True):
     return scenario
 
 
-def _print_table(summary: dict, out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"fedsim: {summary['name']}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("final accuracy", f"{summary['accuracy']:.4f}")
-    table.add_row("best accuracy", f"{summary['best_accuracy']:.4f}")
-    table.add_row("rounds", str(summary["rounds"]))
-    table.add_row("bytes up", f"{summary['bytes_up_total'] / 1e6:.2f} MB")
-    table.add_row("bytes down", f"{summary['bytes_down_total'] / 1e6:.2f} MB")
-    table.add_row("client failures", str(summary["failures_total"]))
-    if summary.get("audit_worst_psnr") is not None:
-        table.add_row("audit: worst PSNR", f"{summary['audit_worst_psnr']:.1f} dB (round "
-                      f"{summary['audit_worst_psnr_round']}, client {summary['audit_worst_psnr_client']}; "
-                      f"{summary['audits']} audits)")
-    if summary.get("epsilon") is not None:
-        table.add_row("privacy: epsilon", f"{summary['epsilon']:.3f} (max over clients; delta {summary['delta']:g})")
-    if summary.get("clip_fraction") is not None:
-        table.add_row("DP-SGD: clipped per-sample gradients", f"{summary['clip_fraction']:.1%} (last round)")
-    if summary.get("update_clip_fraction") is not None:
-        table.add_row("clip: clipped updates", f"{summary['update_clip_fraction']:.1%} (last round)")
-    table.add_row("wall time", f"{summary['wall_s']:.1f} s")
-    table.add_row("results", str(out_dir))
-    Console().print(table)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if argv and argv[0] == "sweep":
-        from .sweep import main as sweep_main
+        from .compare.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
     if argv and argv[0] == "deploy":
@@ -103,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return deploy_main(argv[1:])
     if argv and argv[0] == "report":
-        from .report import main as report_main
+        from .compare.report import main as report_main
 
         return report_main(argv[1:])
     if argv and argv[0] == "resume":
-        from .resume import main as resume_main
+        from .run.resume import main as resume_main
 
         return resume_main(argv[1:])
     validate = bool(argv) and argv[0] == "validate"
@@ -117,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     # scenario is checked are shown only if it passes (the one line says what is wrong).
     with contextlib.ExitStack() as held:
         try:
-            from .outdir import OutputDirError, claim_output_dir
-            from .scenario import ScenarioError
+            from .run.outdir import OutputDirError, claim_output_dir
+            from .scenario.schema import ScenarioError
 
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -134,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
 
             from .engines import run_scenario
-            from .observers import AllClientsFailed
+            from .run.observers import AllClientsFailed
 
             out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
             try:
@@ -156,5 +122,5 @@ def main(argv: list[str] | None = None) -> int:
         except AllClientsFailed as exc:
             print(f"fedsim: error: {exc}; rounds so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
             return 1
-    _print_table(summary, out_dir)
+    print_table(summary, out_dir)
     return 0

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .compression import codec_seed
+from .settings import TrainConfig
 from .trainer import ClientData, LocalTrainer, TrainSettings
 from .upload import Upload
 
@@ -47,20 +48,13 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """What the server strategy needs from the scenario (strategies never import fedsim)."""
+class ServerSettings(TrainConfig):
+    """What the server strategy needs from the scenario (strategies never import fedsim): the training
+    settings as the scenario declares them, plus who trains and with which strategy and codec."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
     seed: int
     num_clients: int
-    participation: float = 1.0
-    sampling: str = "fixed"
-    lr: float = 0.05
-    lr_decay: float = 1.0
-    local_epochs: int = 1
-    batch_size: int = 32
-    momentum: float = 0.0
-    weight_decay: float = 0.0
     strategy: str = "fedavg"
     strategy_params: str = "{}"  # the hyperparameters as JSON, as the client reads them back
     codec: str = "none"
@@ -70,7 +64,7 @@ class ServerSettings:
 def client_config(s: ServerSettings, server_round: int) -> dict[str, Any]:
     """Every setting a client uses in round ``server_round``: the one format, written here only.
 
-    Read back by ``TrainSettings.from_config`` and ``ClientJob`` (``fedsim.apps``)."""
+    Read back by ``TrainSettings.from_config`` and ``ClientJob`` (``fedsim.run.apps``)."""
     return {"server-round": server_round, "lr": s.lr * s.lr_decay ** (server_round - 1),
             "local-epochs": s.local_epochs, "batch-size": s.batch_size, "momentum": s.momentum,
             "weight-decay": s.weight_decay, "seed": s.seed, "strategy": s.strategy,
@@ -198,6 +192,9 @@ class StrategySpec:
     server: Callable[[BaseModel, ServerSettings], FlowerFedAvg]
     client: Callable[[BaseModel], ClientAlgorithm]
     observe: Callable[[dict[str, np.ndarray], RecordDict, BaseModel], UploadView] = local_sgd_view
+    # Whether its local step is the trainer's plain ``run`` (one loss, one gradient a step), which an
+    # in-training defense can privatise per sample (DP-SGD); False for steps with extra gradients.
+    plain_local_step: bool = True
 
     def uses_flower_aggregation(self) -> bool:
         """Whether the server aggregates with Flower's own ``FedAvg.aggregate_train`` (what Flower's

@@ -340,4 +340,5 @@ SPEC = StrategySpec(
     server=lambda params, settings: FedImproStrategy(params, settings),
     client=FedImproClient,
     observe=observe,
+    plain_local_step=False,  # SAM's two gradients a step / a loss on synthetic features
 )

@@ -162,4 +162,5 @@ SPEC = StrategySpec(
     server=lambda params, settings: FedSpeedStrategy(params, settings),
     client=FedSpeedClient,
     observe=observe,
+    plain_local_step=False,  # SAM's two gradients a step / a loss on synthetic features
 )

@@ -27,7 +27,7 @@ from torch import nn
 
 from .sgd import LocalSGD
 
-CLIENT_STREAM = 2  # the local-training stream of the scenario seed (see fedsim/world.py for the others)
+CLIENT_STREAM = 2  # the local-training stream of the scenario seed (see fedsim/world/build.py for the others)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def one_torch_thread():
 def local_ray():
     """One local Ray instance for a test module (RayGrid joins it instead of starting its own)."""
     ray = pytest.importorskip("ray")
-    from fedsim.engines.ray import start_local_ray, stop_local_ray
+    from fedsim.engines.ray_cluster import start_local_ray, stop_local_ray
 
     started = not ray.is_initialized()
     start_local_ray(num_cpus=2)

@@ -30,7 +30,7 @@ def scenario_raw(name: str) -> dict:
 
 def run(name: str, engine: str = "inline") -> list[dict]:
     from fedsim.engines import run_scenario
-    from fedsim.results import read_metrics
+    from fedsim.run.results import read_metrics
     from fedsim.scenario import parse_scenario
 
     raw = scenario_raw(name)

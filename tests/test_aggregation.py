@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 
 from fedsim.engines import run_scenario
 from fedsim.engines.identity import enter_server_identity
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from strategies.base import ServerSettings, TrainSettings, ClientData, sample_participants
 from tests.clients import train_client
 from strategies.fedavg import FedAvgStrategy
@@ -72,7 +72,7 @@ def test_fedprox_pulls_towards_global():
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
     data = ClientData(0, x, y, x[:0], y[:0])
     settings = TrainSettings(1, 0.5, 5, 16, 0.0, 0.0, seed=3)
-    from fedsim.models import build_model
+    from fedsim.world.models import build_model
 
     drift = {}
     for mu in (0.0, 1.0):

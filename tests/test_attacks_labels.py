@@ -11,8 +11,8 @@ from attacks.label_recovery import (LABEL_METHODS, _last_layer_gradient, batch_l
 from attacks.llg import aux_row_sums, impact_and_offset
 from attacks.metrics import label_accuracy
 from attacks.objective import batch_gradients, leaf_parameters
-from fedsim.data import load_dataset
-from fedsim.models import build_model
+from fedsim.world.data import load_dataset
+from fedsim.world.models import build_model
 
 
 def test_idlg_label_single_image():

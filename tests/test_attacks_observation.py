@@ -6,7 +6,7 @@ import torch
 import attacks
 from attacks import Observation, build_attack
 from attacks.objective import batch_gradients, leaf_parameters
-from fedsim.models import build_model
+from fedsim.world.models import build_model
 
 
 def _model():

@@ -13,7 +13,7 @@ from attacks.label_recovery import _last_layer_gradient, batch_labels, momentum_
 from attacks.metrics import label_accuracy
 from attacks.objective import (batch_gradients, cosine_distance, dropout_shapes, leaf_parameters,
                                local_sgd_update, substitute_dropout)
-from fedsim.models import build_model
+from fedsim.world.models import build_model
 
 SHAPE = (1, 8, 8)
 

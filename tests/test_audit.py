@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.audit import answer_gradient_query, batch_gradient, choose_targets, query_batch
 from fedsim.engines import run_scenario
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from fedsim.scenario import AuditConfig, ScenarioError, parse_scenario
 from fedsim.world import world_from_text
 from strategies.records import to_record, to_torch

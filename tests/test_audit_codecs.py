@@ -123,7 +123,7 @@ def test_a_sketched_upload_matched_in_sketch_space_beats_the_de_sketch(tmp_path,
 def test_the_sketch_map_is_the_codecs_sketch_and_differentiable():
     import pickle
 
-    from fedsim.audit import SketchMap
+    from strategies.compression.sketch import SketchMap
     from strategies.compression.sketch import SparseJL
 
     x = torch.randn(1000, requires_grad=True)
@@ -167,7 +167,7 @@ def test_the_audit_attack_reads_the_support_it_was_given():
 
 
 def test_the_sketch_decodes_to_its_de_sketch_with_the_shared_seed_and_terngrad_to_its_ternary_values():
-    """What the audit attacks through these codecs (fedsim/audit.py): the decoded upload is, for a sketch, S^T y
+    """What the audit attacks through these codecs (fedsim/audit/): the decoded upload is, for a sketch, S^T y
     with S drawn from the round's shared seed (the server's to know), and for TernGrad scale * {-1, 0, 1}."""
     from flwr.app import RecordDict
 

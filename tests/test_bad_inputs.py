@@ -315,8 +315,8 @@ def test_library_warnings_do_not_precede_the_one_line(tmp_path):
 @pytest.mark.parametrize("name", ["mlp", "lenet", "cnn", "resnet18"])
 def test_the_memory_check_counts_parameters_as_the_built_model_has_them(name):
     """Counted without allocating (arithmetic for the mlp, PyTorch's meta device for the rest)."""
-    from fedsim.memory import model_parameters
-    from fedsim.models import build_model
+    from fedsim.world.memory import model_parameters
+    from fedsim.world.models import build_model
 
     built = build_model(name, 3, 16, 7, hidden=(33, 5))
     assert model_parameters(name, 3, 16, 7, (33, 5)) == sum(p.numel() for p in built.parameters())

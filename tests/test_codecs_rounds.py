@@ -10,7 +10,7 @@ import yaml
 
 from fedsim.cli import main
 from fedsim.engines import run_scenario
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from fedsim.scenario import parse_scenario
 from strategies import strategy_names
 from strategies.compression import codec_names
@@ -24,7 +24,8 @@ RATIO = 0.05
 def _upload(codec: str) -> dict | str:
     if codec == "none":
         return "none"
-    return {"codec": codec, **({"ratio": RATIO} if codec in ("topk", "dgc", "sketch", "countsketch", "ef21") else {})}
+    return {"codec": codec, **({"ratio": RATIO} if codec in ("topk", "dgc", "sketch", "countsketch", "ef21", "econtrol")
+                              else {})}
 
 
 def _run(tmp_path, codec: str, strategy: str, **kw) -> list[dict]:
@@ -59,7 +60,7 @@ def test_upload_bytes_are_what_travelled(tmp_path, one_torch_thread):
     d, header = 2410, 128 + 1  # numpy's .npy header (128 bytes here) and Flower's per-array key overhead
     rows = {c: _run(tmp_path, c, "fedavg")[0]["bytes_up"] / 2 for c in ["none", *CODECS]}
     k = math.ceil(RATIO * d)
-    expected = {"none": 4 * d, "topk": 8 * k, "dgc": 8 * k, "ef21": 8 * k, "sign": d / 8 + 16,
+    expected = {"none": 4 * d, "topk": 8 * k, "dgc": 8 * k, "ef21": 8 * k, "econtrol": 8 * k, "sign": d / 8 + 16,
                 "terngrad": d / 4 + 16, "sketch": 4 * k, "countsketch": 4 * 5 * math.ceil(RATIO * d / 5)}
     for codec, per_client in rows.items():
         payload = expected[codec]
@@ -118,7 +119,7 @@ def test_the_round_record_gives_an_auditor_the_coordinates_sent():
     import torch
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedsim.rounds import NodeRound, RoundRecord, _decode_replies
+    from fedsim.run.rounds import NodeRound, RoundRecord, _decode_replies
     from strategies import Upload
     from strategies.compression import CodecContext, get_codec
     from strategies.records import to_record

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.data import DataError, load_dataset
-from fedsim.models import build_model
+from fedsim.world.data import DataError, load_dataset
+from fedsim.world.models import build_model
 from strategies.fedimpro import split_model
 
 

@@ -15,10 +15,10 @@ from opacus.accountants import RDPAccountant
 
 from defenses import build_defenses
 from defenses.dp_sgd import steps_per_epoch
-from defenses.upload_transforms import prune
+from defenses.prune import prune
 from fedsim.cli import main
 from fedsim.engines import run_scenario
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from fedsim.scenario import ScenarioError, parse_scenario
 from fedsim.world import world_from_text
 from strategies import ServerSettings, client_config
@@ -37,7 +37,7 @@ def _one_thread(one_torch_thread):
 def _train_once(defense, scenario_raw=None, partition_id=0, state=None, server_round=1):
     """One ClientApp training call with the defense settings the server would send; returns
     (sent state dict, uploaded state dict, reply metrics)."""
-    from fedsim.apps import client_app
+    from fedsim.run.apps import client_app
     from fedsim.engines.identity import enter_server_identity
 
     scenario = parse_scenario(scenario_raw or small_raw())
@@ -161,11 +161,11 @@ def test_clip_bounds_the_update_and_reports_it():
 def test_dp_sgd_leaves_no_opacus_hooks_on_the_shared_model():
     """The ClientApp reuses one model object per process: a private round must not leave Opacus's
     hooks behind for the next (maybe non-private) call."""
-    from fedsim.apps import _models
+    from fedsim.run.apps import _models
 
     before = _train_once("none")
     _train_once({"name": "dp_sgd", "noise_multiplier": 1.0})
-    for model in _models.values():
+    for _, model in _models.values():
         for m in model.modules():
             assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
             assert not any(hasattr(p, "grad_sample") for p in m.parameters(recurse=False))
@@ -345,9 +345,9 @@ def test_dp_sgd_refuses_strategies_whose_step_opacus_cannot_privatise(strategy):
 
 
 def test_dp_sgd_refuses_a_batchnorm_model_with_opacus_reason(monkeypatch):
-    import fedsim.scenario as sc
+    import fedsim.scenario.schema as sc
 
-    monkeypatch.setattr(sc, "_model_of", lambda s: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)))
+    monkeypatch.setattr(sc, "_nominal_model", lambda s: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)))
     with pytest.raises(ScenarioError, match=r"^model\.name: dp_sgd: Opacus cannot train mlp: .*BatchNorm"):
         parse_scenario(small_raw(defense={"name": "dp_sgd", "noise_multiplier": 1.0}))
     monkeypatch.undo()

@@ -4,7 +4,7 @@ batches and noise, the upload noise, and each client's accountant in Context.sta
 import pytest
 
 from fedsim.engines import run_scenario
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from fedsim.scenario import parse_scenario
 from tests.conftest import small_raw
 

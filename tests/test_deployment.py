@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

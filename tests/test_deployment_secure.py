@@ -21,7 +21,7 @@ from fedsim.deploy import certs
 from fedsim.deploy.cluster import Cluster
 from fedsim.deploy.demo import refused, write_broken_mnist
 from fedsim.deploy.node_data import NodeDataError, local_tensors
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from fedsim.world import world_from_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_node_data_errors_carry_the_reason(tmp_path):
 def test_client_app_reads_data_path_from_node_config(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from fedsim.apps import _client_setup
+    from fedsim.run.apps import _client_setup
 
     _mnist_world(tmp_path)  # writes the server's files
     node = _mnist(tmp_path / "node", n_train=20, seed=3)

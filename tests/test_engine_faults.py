@@ -21,12 +21,12 @@ import pytest
 import yaml
 from flwr.app import ConfigRecord
 
-from fedsim.apps import server_app
+from fedsim.run.apps import server_app
 from fedsim.engines import RUN_ID, server_context
 from fedsim.engines.identity import enter_server_identity
 from fedsim.engines.inline import NODE_ID_BASE, InlineGrid
-from fedsim.observers import AllClientsFailed
-from fedsim.results import read_metrics
+from fedsim.run.observers import AllClientsFailed
+from fedsim.run.results import read_metrics
 from strategies import ClientAlgorithm, StrategySpec, Upload, register_strategy
 from strategies.base import NoParams
 from strategies.fedavg import FedAvgStrategy
@@ -119,7 +119,7 @@ def _run(grid_factory, scenario, out_dir) -> dict[int, int]:
 
 
 def _ray_grid(scenario, **ray_config):
-    from fedsim.engines.ray import RayGrid
+    from fedsim.engines.ray_cluster import RayGrid
 
     def make(client_config, setup=register_faulty, client_app=None):
         return RayGrid(scenario.data.num_clients, client_config, scenario.engine.ray.model_copy(update=ray_config),
@@ -151,7 +151,7 @@ def _free_port() -> int:
 @pytest.fixture
 def loopback():
     """Ray's address canonicalisation keeps 127.0.0.1 (not the machine's address) under this switch."""
-    from fedsim.engines.ray import bind_ray_to_loopback
+    from fedsim.engines.ray_cluster import bind_ray_to_loopback
 
     bind_ray_to_loopback()
 
@@ -188,7 +188,7 @@ def test_auto_joins_only_what_ray_address_names(loopback, tmp_path, capsys, monk
 def test_the_address_check_passes_a_live_ray_head(local_ray):
     import ray._private.worker as ray_worker
 
-    from fedsim.engines.ray import check_ray_address
+    from fedsim.engines.ray_cluster import check_ray_address
 
     address = ray_worker._global_node.gcs_address  # the module's own instance, on 127.0.0.1
     assert address.startswith("127.0.0.1:") and check_ray_address(address) == address
@@ -263,7 +263,7 @@ def test_inline_watchdog_times_a_hung_client_out_and_the_run_goes_on(small_scena
     RELEASE.clear(), HUNG_THREADS.clear()
     rounds, timeout = 5, 1.5
     scenario = small_scenario(train__rounds=rounds, strategy={"name": "faults-waiter"}, engine={"timeout_s": timeout})
-    from fedsim.apps import client_app
+    from fedsim.run.apps import client_app
 
     calls = _run(lambda config: InlineGrid(client_app, scenario.data.num_clients, config, RUN_ID), scenario, tmp_path)
     rows, hung = _hung_rows(tmp_path, rounds)

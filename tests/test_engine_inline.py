@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedsim.engines import run_scenario
 from fedsim.engines.identity import enter_server_identity
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from strategies import register_strategy
 from strategies.base import ClientAlgorithm, NoParams, StrategySpec
 from strategies.fedavg import FedAvgStrategy
@@ -204,7 +204,7 @@ def test_failure_reasons_reach_the_rows_the_summary_and_stderr_once(tmp_path, sm
 
 def test_a_run_whose_every_client_fails_stops_with_the_reason_and_exit_1(tmp_path, small_scenario, capsys):
     from fedsim.cli import main
-    from fedsim.observers import ALL_FAILED_ROUNDS
+    from fedsim.run.observers import ALL_FAILED_ROUNDS
 
     path = tmp_path / "s.yaml"
     path.write_text(small_scenario(strategy={"name": "test_always_failing"}, train={"rounds": 10}).to_yaml())
@@ -217,7 +217,7 @@ def test_a_run_whose_every_client_fails_stops_with_the_reason_and_exit_1(tmp_pat
 
 
 def test_rounds_are_appended_and_a_torn_last_line_is_left_out(tmp_path):
-    from fedsim.results import ResultsWriter
+    from fedsim.run.results import ResultsWriter
 
     writer = ResultsWriter(tmp_path, "name: x\n")
     writer.add_round({"round": 1, "accuracy": 0.5})
@@ -233,7 +233,7 @@ def test_rounds_are_appended_and_a_torn_last_line_is_left_out(tmp_path):
 def test_a_missing_reply_is_a_failure_named_timeout():
     from flwr.app import RecordDict
 
-    from fedsim.rounds import RoundRecord, _node_round
+    from fedsim.run.rounds import RoundRecord, _node_round
 
     node = _node_round(7, RecordDict(), None, 12.0)
     assert node.error == "timeout: no reply within engine.timeout_s (12 s)" and node.reply is None

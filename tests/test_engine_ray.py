@@ -13,7 +13,7 @@ import os
 import pytest
 from flwr.app import ConfigRecord
 
-from fedsim.apps import server_app
+from fedsim.run.apps import server_app
 from fedsim.engines import RUN_ID, run_scenario, server_context
 from fedsim.engines.identity import enter_server_identity
 from fedsim.engines.inline import NODE_ID_BASE

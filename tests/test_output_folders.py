@@ -1,4 +1,4 @@
-"""Output folders (fedsim.outdir): checked before any work, one run at a time, no mixing of two
+"""Output folders (fedsim.run.outdir): checked before any work, one run at a time, no mixing of two
 runs' results, and nothing written where the output cannot go."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fedsim.cli import main
-from fedsim.outdir import LOCK_NAME, OutputDirError, claim_output_dir
+from fedsim.run.outdir import LOCK_NAME, OutputDirError, claim_output_dir
 from tests.conftest import small_raw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def _sweep(tmp_path: Path) -> Path:
 def test_a_sweep_run_is_cleared_and_redone_in_its_claimed_folder(tmp_path):
     """What a sweep's task does with an interrupted run's folder: clear it, hold it, run."""
     from fedsim.scenario import parse_scenario
-    from fedsim.sweep import _run_task
+    from fedsim.compare.sweep import _run_task
 
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
@@ -219,7 +219,7 @@ def test_a_sweep_run_is_cleared_and_redone_in_its_claimed_folder(tmp_path):
 
 
 def test_a_sweep_refuses_a_run_folder_holding_foreign_files_before_starting(tmp_path, capsys):
-    from fedsim.sweep import load_sweep
+    from fedsim.compare.sweep import load_sweep
 
     _, runs = load_sweep(_sweep(tmp_path))
     run_dir = tmp_path / "out" / "tiny" / "runs" / runs[1].name
@@ -232,7 +232,7 @@ def test_a_sweep_refuses_a_run_folder_holding_foreign_files_before_starting(tmp_
 
 
 def test_a_sweep_folder_is_held_by_one_sweep_and_checked_first(tmp_path, capsys):
-    from fedsim.outdir import hold_folder
+    from fedsim.run.outdir import hold_folder
 
     sweep = _sweep(tmp_path)
     (tmp_path / "out" / "tiny").mkdir(parents=True)

@@ -4,7 +4,7 @@ and respect alpha / k."""
 import numpy as np
 import pytest
 
-from fedsim.partition import partition_indices, train_val_split, val_count
+from fedsim.world.partition import partition_indices, train_val_split, val_count
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 classes
 

@@ -8,7 +8,7 @@ ray = pytest.importorskip("ray")
 def test_stop_local_ray_ends_every_process_ray_started():
     import ray._private.worker as ray_worker
 
-    from fedsim.engines.ray import start_local_ray, stop_local_ray
+    from fedsim.engines.ray_cluster import start_local_ray, stop_local_ray
 
     if ray.is_initialized():
         pytest.skip("another test module holds a Ray instance")
@@ -29,7 +29,7 @@ def test_a_ray_address_in_the_environment_does_not_decide_where_a_local_run_goes
     import subprocess
     import sys
 
-    code = ("from fedsim.engines.ray import start_local_ray, stop_local_ray\nimport ray\nstart_local_ray(1)\n"
+    code = ("from fedsim.engines.ray_cluster import start_local_ray, stop_local_ray\nimport ray\nstart_local_ray(1)\n"
             "print('cpus', ray.cluster_resources().get('CPU'))\nstop_local_ray()\n")
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from attacks import Observation
 from attacks.objective import leaf_parameters, local_sgd_update
-from fedsim.apps import client_app
+from fedsim.run.apps import client_app
 from fedsim.engines.identity import enter_server_identity
 from fedsim.scenario import parse_scenario
 from fedsim.world import world_from_text

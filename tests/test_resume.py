@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 
-from fedsim import apps, checkpoint
+from fedsim.run import apps, checkpoint
 from fedsim.engines import run_scenario
 from fedsim.engines.inline import InlineGrid
-from fedsim.observers import ProgressObserver
-from fedsim.outdir import claim_output_dir
-from fedsim.resume import main as resume_main
-from fedsim.results import read_metrics
+from fedsim.run.observers import ProgressObserver
+from fedsim.run.outdir import claim_output_dir
+from fedsim.run.resume import main as resume_main
+from fedsim.run.results import read_metrics
 from fedsim.scenario import parse_scenario
 from strategies import register_strategy
 from strategies.base import NoParams, StrategySpec

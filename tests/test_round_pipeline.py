@@ -10,7 +10,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringR
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedsim.engines import run_scenario
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from fedsim.scenario import ScenarioError, parse_scenario
 from strategies import ClientAlgorithm, StrategySpec, register_strategy
 from strategies.base import NoParams
@@ -137,7 +137,7 @@ def test_the_client_follows_its_message_not_its_scenario_copy():
     """The node's scenario copy says SCAFFOLD option II; the message says option I: option I runs."""
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from fedsim.apps import client_app
+    from fedsim.run.apps import client_app
     from fedsim.engines.identity import enter_server_identity
     from fedsim.world import world_from_text
     from strategies import ServerSettings, client_config

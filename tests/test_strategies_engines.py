@@ -3,7 +3,7 @@
 import pytest
 
 from fedsim.engines import run_scenario
-from fedsim.results import read_metrics
+from fedsim.run.results import read_metrics
 from fedsim.scenario import parse_scenario
 from tests.conftest import small_raw
 

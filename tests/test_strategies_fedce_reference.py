@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsim.models import build_model
+from fedsim.world.models import build_model
 from strategies.base import ClientData, ServerSettings, TrainSettings
 from strategies.fedavg import FedAvgClient
 from strategies.fedce import HISTORY_KEY, LAST_MODEL_KEY, FedCEClient, FedCEParams, FedCEStrategy

@@ -6,8 +6,8 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.engines import run_scenario
-from fedsim.models import MODEL_NAMES, build_model
-from fedsim.results import read_metrics
+from fedsim.world.models import MODEL_NAMES, build_model
+from fedsim.run.results import read_metrics
 from fedsim.scenario import parse_scenario
 from strategies.base import ClientData, TrainSettings
 from tests.clients import train_client

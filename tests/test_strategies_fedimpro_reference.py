@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsim.models import build_model
+from fedsim.world.models import build_model
 from strategies.base import ClientData, ServerSettings, TrainSettings
 from strategies.fedimpro import (GLOBAL_KEY, LOCAL_KEY, UPLOAD_KEY, FedImproClient, FedImproParams,
                                  FedImproStrategy, ramp_weight, split_model)

@@ -7,8 +7,8 @@ import torch
 from flwr.app import RecordDict
 
 from fedsim.engines import run_scenario
-from fedsim.models import build_model
-from fedsim.results import read_metrics
+from fedsim.world.models import build_model
+from fedsim.run.results import read_metrics
 from fedsim.scenario import parse_scenario
 from strategies.base import ClientData, ServerSettings, TrainSettings
 from tests.clients import train_client

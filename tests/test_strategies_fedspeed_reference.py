@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from fedsim.models import build_model
+from fedsim.world.models import build_model
 from strategies.base import ClientData, ServerSettings, TrainSettings
 from strategies.fedspeed import STATE_KEY, FedSpeedClient, FedSpeedParams, FedSpeedStrategy
 from strategies.stateful import Reply, to_record

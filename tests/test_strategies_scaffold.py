@@ -5,10 +5,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsim.apps import run_server
+from fedsim.run.apps import run_server
 from fedsim.engines.identity import enter_server_identity
 from fedsim.engines.inline import InlineGrid
-from fedsim.models import build_model
+from fedsim.world.models import build_model
 from fedsim.scenario import parse_scenario
 from strategies import register_strategy
 from strategies.base import ClientData, StrategySpec, TrainSettings
@@ -30,7 +30,7 @@ register_strategy(StrategySpec("test_scaffold_probe", ScaffoldParams, _capture, 
 
 def run_inline(tmp_path, raw):
     """Run on an InlineGrid we keep, so the test can read every node's Context.state."""
-    from fedsim.apps import client_app
+    from fedsim.run.apps import client_app
 
     scenario = parse_scenario(raw)
     enter_server_identity(1)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsim.report import write_report
-from fedsim.sweep import expand, load_sweep, read_csv, run_name, run_sweep, SweepFile
+from fedsim.compare.report import write_report
+from fedsim.compare.sweep import expand, load_sweep, read_csv, run_name, run_sweep, SweepFile
 from tests.conftest import small_raw
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
@@ -130,7 +130,7 @@ def test_a_finished_run_stays_finished_when_a_setting_with_a_default_is_added_la
     """Summaries written before a new scenario key existed still match (the stored scenario is
     validated again); a changed value does not."""
     from fedsim.scenario import parse_scenario
-    from fedsim.sweep import completed
+    from fedsim.compare.sweep import completed
 
     scenario = parse_scenario(small_raw())
     stored = scenario.model_dump(mode="json")

@@ -6,9 +6,9 @@ import hashlib
 import numpy as np
 import pytest
 
-import fedsim.world as world_mod
+import fedsim.world.build as world_mod
 from fedsim.scenario import ScenarioError, parse_scenario
-from fedsim.world import adopt_world, build_world, checked_world, world_from_text
+from fedsim.world.build import adopt_world, build_world, checked_world, world_from_text
 
 from tests.conftest import small_raw
 
@@ -66,6 +66,29 @@ def test_adopted_world_serves_its_key(builds):
     assert world_from_text(text()) is world
     assert world_from_text(text(train__lr=0.3)) is world  # same seed, data and model: no rebuild
     assert builds == []
+
+
+def test_the_world_caches_are_bounded(builds):
+    """A process that runs many scenarios (a Ray worker a sweep reuses) keeps the latest MAX_WORLDS
+    Worlds, not every one, and no scenario text keeps a dropped World alive."""
+    worlds = [world_from_text(text(seed=seed)) for seed in range(world_mod.MAX_WORLDS + 2)]
+    assert len(builds) == world_mod.MAX_WORLDS + 2
+    assert len(world_mod._BUILT) == world_mod.MAX_WORLDS
+    kept = {id(w) for w in world_mod._BUILT.values()}
+    assert kept == {id(w) for w in worlds[2:]}
+    assert {id(w) for w in world_mod._WORLDS.values()} <= kept
+    assert world_from_text(text(seed=world_mod.MAX_WORLDS + 1)) is worlds[-1]  # the latest stay cached
+    assert len(builds) == world_mod.MAX_WORLDS + 2
+
+
+def test_the_client_model_cache_is_bounded():
+    """The ClientApp's model per World follows the same bound, checked against the World itself."""
+    from fedsim.run import apps
+
+    worlds = [build_world(parse_scenario(small_raw(seed=seed))) for seed in range(world_mod.MAX_WORLDS + 2)]
+    models = [apps._model_of(w) for w in worlds]
+    assert len(apps._models) <= world_mod.MAX_WORLDS
+    assert apps._model_of(worlds[-1]) is models[-1]
 
 
 def test_client_without_training_sample_is_bad_input(builds):

@@ -49,8 +49,8 @@ from attacks.case import build_case  # noqa: E402
 from attacks.label_recovery import _last_layer_gradient, batch_labels  # noqa: E402
 from attacks.metrics import evaluate, label_accuracy  # noqa: E402
 from attacks.objective import batch_gradients, dropout_shapes, leaf_parameters, local_sgd_update  # noqa: E402
-from fedsim.data import load_dataset  # noqa: E402
-from fedsim.models import build_model  # noqa: E402
+from fedsim.world.data import load_dataset  # noqa: E402
+from fedsim.world.models import build_model  # noqa: E402
 
 # ---------------------------------------------------------------- label recovery settings
 # Plain SGD, batch 32: lr 0.05 takes the MLP from 9% to 94% test accuracy in 600 steps; the

@@ -3,7 +3,7 @@
     python experiments/audit/run.py training|local|order|all [--seeds 0 1 2] [--jobs 2] [--out DIR] [--quick]
 
 training  Leakage across training: FedAvg, 30 rounds, on digits (16x16) and patches (32x32),
-          the server's audit (fedsim/audit.py) attacks clients every 5th round, and round 1
+          the server's audit (fedsim/audit/) attacks clients every 5th round, and round 1
           (a 1-round copy of the run: training does not depend on train.rounds, checked);
           gradient threat (IG on a batch-4 gradient, 2 clients a round) and update threat
           (unrolled IG on one client's whole upload: 8 samples, 2 local steps).
@@ -62,9 +62,9 @@ def run_one(job: dict) -> dict:
 
     import torch
 
-    import fedsim.audit as fa
+    import fedsim.audit.observer as fa
     from fedsim.engines import run_scenario
-    from fedsim.results import read_metrics
+    from fedsim.run.results import read_metrics
     from fedsim.scenario import load_scenario
     from fedsim.world import build_world
 
@@ -393,7 +393,7 @@ def exp_order(seeds: list[int], iterations: int = 500) -> tuple[str, dict]:
 
 
 def run_experiment(name: str, jobs: list[dict], workers: int, out: Path) -> list[dict]:
-    from fedsim.results import atomic_write
+    from fedsim.run.results import atomic_write
 
     runs, t0 = [], time.perf_counter()
     load0 = os.getloadavg()
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fedsim.results import atomic_write
+    from fedsim.run.results import atomic_write
 
     out, runs_dir = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)

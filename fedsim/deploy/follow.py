@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+from ..console import EXIT_BAD_INPUT, EXIT_FAILED
 
 
 def _flwr(*args: str, env=None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import DataError, load_dataset
-from ..partition import train_val_split
-from ..world import World
+from ..world.data import DataError, load_dataset
+from ..world.partition import train_val_split
+from ..world.build import World
 
 _CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 

@@ -1,8 +1,8 @@
 """Engines: where the ClientApps run. Every call into Flower's runtime stays in this package.
 
 - ``inline``: in-process Grid (tests, debugging, small runs).
-- ``ray``: ClientApps in parallel Ray actors (``fedsim.engines.ray``).
-Both run the same ``fedsim.apps.server_app`` and ``client_app``.
+- ``ray``: ClientApps in parallel Ray actors (``fedsim.engines.ray``; Ray itself: ``fedsim.engines.ray_cluster``).
+Both run the same ``fedsim.run.apps.server_app`` and ``client_app``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from ..scenario import Scenario
+from ..scenario.schema import Scenario
 from .identity import enter_server_identity
 
 RUN_ID = 1
@@ -27,7 +27,7 @@ def server_context(scenario: Scenario, out_dir: Path, progress: bool, resume: bo
 def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True, resume: bool = False) -> dict:
     """Run ``scenario`` on its engine; results land in ``out_dir``; returns summary.json's content.
     ``resume``: continue the run in ``out_dir`` from its checkpoint (``fedsim resume``)."""
-    from ..apps import client_app, server_app
+    from ..run.apps import client_app, server_app
 
     import torch
 

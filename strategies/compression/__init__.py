@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from .codec import Codec, CodecContext, DeltaCodec, IdentityCodec
 from .countsketch import CountSketchCodec
 from .dgc import DgcCodec
+from .econtrol import EControlCodec
 from .ef21 import Ef21Codec
 from .sign import SignCodec
 from .sketch import SketchCodec
@@ -25,8 +26,18 @@ from .topk import TopKCodec
 # The codec's stream of the one scenario seed (fedsim.world lists them all).
 CODEC_STREAM = 7
 
-_CODECS: dict[str, type[Codec]] = {c.name: c for c in (IdentityCodec, TopKCodec, SignCodec, TernGradCodec,
-                                                       DgcCodec, Ef21Codec, SketchCodec, CountSketchCodec)}
+# The registry: one line a codec (and its import above).
+_CODECS: dict[str, type[Codec]] = {c.name: c for c in (
+    IdentityCodec,
+    TopKCodec,
+    SignCodec,
+    TernGradCodec,
+    DgcCodec,
+    Ef21Codec,
+    SketchCodec,
+    CountSketchCodec,
+    EControlCodec,
+)}
 
 
 def codec_names() -> list[str]:

@@ -26,6 +26,7 @@ dense beside them. The server decodes to ``sent + decoded_delta`` under ``arrays
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -65,6 +66,27 @@ class CodecContext:
         return replace(self, client=client)
 
 
+@dataclass(frozen=True)
+class AuditRequest:
+    """What the auditor knows of one reply when it asks a codec what an attacker sees through it."""
+    wire: RecordDict | None          # the reply as it travelled (encoded), None when not kept
+    sent: dict[str, torch.Tensor]    # the arrays the server sent the client this round
+    ctx: CodecContext                # the round's codec context (shared seed, round, client)
+    param_names: list[str]           # the model's parameters, in order (what the attack matches)
+    support_fraction: float | None   # the fraction of parameter coordinates the reply carried (None: all)
+    support_requested: bool = True   # audit.support: match only the carried coordinates
+    codec_space: bool = True         # audit.sketch_space: match in the codec's own space where it has one
+
+
+@dataclass(frozen=True)
+class AuditView:
+    """What an honest-but-curious server's attacker sees through one transform of the upload."""
+    exact: bool = True               # the decoded reply is this client's own update of this round
+    note: str = ""                   # what the attack matched, for the audit row
+    wire: torch.Tensor | None = None            # what travelled, in the codec's own space ...
+    wire_map: Callable[[torch.Tensor], torch.Tensor] | None = None  # ... and the map of a flat update into it
+
+
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) % (2**63))
 
@@ -73,6 +95,7 @@ class Codec:
     name = "?"
     Params: type[BaseModel] = NoCodecParams
     direction = "up"  # which direction this codec compresses (the downlink stays dense)
+    perturbs = True   # what travels differs from the clean upload (I2F predicts the attack's loss from it)
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()
@@ -97,6 +120,16 @@ class Codec:
         """Fields for this round's metrics row (what was compressed; a DP statement where one holds)."""
         return {"codec": self.name, "codec_direction": self.direction}
 
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        """What the audit's update attack sees through this codec (``fedsim.audit``); default: the
+        decoded upload, one client's own update."""
+        return AuditView(note=f"{self.name}: the decoded upload")
+
+    @classmethod
+    def check(cls, params: BaseModel, scenario: Any, at: tuple[str, ...] = ("upload",)) -> None:
+        """The rules this codec imposes on the rest of the scenario: raise ``strategies.rules.RuleViolation``
+        with the key path of the setting to change (``at``: the codec's own section)."""
+
 
 def partition_of(content: RecordDict) -> int:
     fedsim = content.get("fedsim")
@@ -109,6 +142,7 @@ class IdentityCodec(Codec):
 
     name = "none"
     direction = "none"
+    perturbs = False
 
     def encode(self, upload: Upload, state: RecordDict, ctx: CodecContext = CodecContext()) -> RecordDict:
         return RecordDict({"arrays": to_record(upload.weights), **upload.extras})
@@ -118,6 +152,9 @@ class IdentityCodec(Codec):
 
     def decode_round(self, contents, sent, ctx=CodecContext()):
         return list(contents)
+
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        return AuditView()
 
 
 # ----------------------------------------------------------------------------- delta codecs

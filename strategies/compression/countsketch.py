@@ -36,7 +36,7 @@ from flwr.app import RecordDict
 from pydantic import Field
 
 from ..records import to_torch
-from .codec import PAYLOAD, CodecContext, DeltaCodec, RatioParams, float_keys, rebuild
+from .codec import PAYLOAD, AuditRequest, AuditView, CodecContext, DeltaCodec, RatioParams, float_keys, rebuild
 from .hashing import median_chunked, sketch_chunked
 from .topk import keep_count, select_topk
 
@@ -54,6 +54,11 @@ class CountSketchParams(RatioParams):
 
 class CountSketchCodec(DeltaCodec):
     name = "countsketch"
+
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        """Every reply decodes to the round's aggregate ``sent + Delta`` (the server aggregates in sketch space)."""
+        return AuditView(exact=False, note="countsketch: every reply decodes to the round's aggregate: the attack "
+                                           "sees the aggregate, not one client's update")
     Params = CountSketchParams
 
     def __init__(self, params=None):

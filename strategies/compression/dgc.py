@@ -124,6 +124,7 @@ def read_memory(state, d: int) -> tuple[torch.Tensor | None, torch.Tensor | None
 class DgcCodec(SparseCodec):
     name = "dgc"
     Params = DgcParams
+    values_remark = " (DGC: the client's accumulated residual)"  # earlier rounds' updates are in the values
 
     def encode_vector(self, delta, sizes, state, ctx):
         u, v, idx = dgc_step(delta, *read_memory(state, delta.numel()), sizes, self.params, ctx.server_round,

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..records import to_record, to_torch
-from .codec import PAYLOAD, CodecContext, DeltaCodec, float_keys, rebuild
+from .codec import PAYLOAD, AuditRequest, AuditView, CodecContext, DeltaCodec, float_keys, rebuild
 from .sign import SignCodec
 from .terngrad import TernGradCodec
 from .topk import TopKCodec, TopKParams
@@ -74,3 +74,6 @@ class Ef21Codec(DeltaCodec):
 
     def support(self, content, sent):
         return None  # sent + g_i: every coordinate the client ever sent
+
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        return AuditView(note="ef21: the server's estimate sent + g_i of the client's update")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from .codec import DeltaCodec, NoCodecParams, layer_views
+from .codec import AuditRequest, AuditView, DeltaCodec, NoCodecParams, layer_views
 from .packing import pack1, unpack1
 
 
 class SignCodec(DeltaCodec):
     name = "sign"
+
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        return AuditView(note=f"{self.name}: the decoded values")  # per-layer scale times sign
     Params = NoCodecParams
 
     def encode_vector(self, delta, sizes, state, ctx):

@@ -30,7 +30,8 @@ from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, Neighboring
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from pydantic import Field, model_validator
 
-from .codec import CodecContext, DeltaCodec, RatioParams, generator
+from ..records import to_torch
+from .codec import PAYLOAD, AuditRequest, AuditView, CodecContext, DeltaCodec, RatioParams, float_keys, generator
 from .hashing import sketch_chunked, transpose_chunked
 
 ROUND_STREAM = 1  # CodecContext.round_seed stream of the sketch
@@ -66,6 +67,31 @@ class SparseJL:
         return transpose_chunked(y.view(self.blocks, self.width) * self.scale, self.seed, self.d)
 
 
+class SketchMap:
+    """The round's sparse JL sketch S as a differentiable map of the flat upload (``SparseJL.apply`` without its
+    in-place chunks, so that autograd goes through it); picklable (it travels to the attack's worker). The
+    privacy audit matches a sketched upload in sketch space with it (``fedsim.audit``)."""
+
+    def __init__(self, seed: int, d: int, m: int, blocks: int):
+        jl = SparseJL(seed, d, m, blocks)
+        self.seed, self.d, self.width, self.blocks, self.scale = jl.seed, d, jl.width, jl.blocks, jl.scale
+        self._codes = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_codes": None}  # redrawn from the seed in the worker
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        from .hashing import signed_hashes
+
+        if self._codes is None:
+            self._codes = signed_hashes(self.seed, self.d, self.width, self.blocks)
+        rows = []
+        for codes in self._codes:
+            both = flat.new_zeros(2 * self.width).index_add(0, codes, flat)
+            rows.append(both[0::2] - both[1::2])
+        return torch.cat(rows) * self.scale
+
+
 def sketch_size(d: int, ratio: float) -> int:
     return max(1, min(d, math.ceil(ratio * d)))
 
@@ -90,6 +116,29 @@ class SketchCodec(DeltaCodec):
 
     def decode_vector(self, payload, sizes, ctx):
         return self.matrix(sum(sizes), ctx).transpose(payload["sketch"])
+
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        """The server holds the round's shared seed, so it knows S. By default the attack matches in sketch
+        space: the simulated update sketched, S u(x'), against the y that travelled, where the true batch is
+        an exact solution without noise (``codec_space: false``, or BatchNorm buffers among the flattened
+        entries: the de-sketch S^T y, a dense but noisy estimate of the update)."""
+        noisy = " and noise" if self.params.noise is not None else ""
+        wire, wire_map = self._wire(request) if request.codec_space else (None, None)
+        if wire is None:
+            return AuditView(note=f"sketch{noisy}: the de-sketch S^T y with the round's shared seed")
+        return AuditView(note=f"sketch{noisy}: matched in sketch space, S u(x') against the y that travelled (S "
+                              "from the round's shared seed)", wire=wire, wire_map=wire_map)
+
+    def _wire(self, request: AuditRequest):
+        """(y, S) of a sketched reply, S rebuilt from the shared seed as the decoder does; (None, None) when
+        the float entries the codec flattened are not exactly the model's parameters (BatchNorm's buffers)."""
+        keys = float_keys(request.sent)
+        if request.wire is None or keys != request.param_names:
+            return None, None
+        d = sum(request.sent[k].numel() for k in keys)
+        sketch_map = SketchMap(request.ctx.round_seed(ROUND_STREAM), d, sketch_size(d, self.params.ratio),
+                               self.params.blocks)
+        return to_torch(request.wire[PAYLOAD])["sketch"].float(), sketch_map
 
     def report(self, server_round: int) -> dict:
         out = super().report(server_round)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .codec import DeltaCodec, generator, layer_views
+from .codec import AuditRequest, AuditView, DeltaCodec, generator, layer_views
 from .packing import pack2, unpack2
 
 
@@ -70,6 +70,9 @@ def ternarize(delta: torch.Tensor, sizes: list[int], clip: float | None,
 
 class TernGradCodec(DeltaCodec):
     name = "terngrad"
+
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        return AuditView(note=f"{self.name}: the decoded values")  # per-layer scale times the ternary code
     Params = TernGradParams
 
     def encode_vector(self, delta, sizes, state, ctx):

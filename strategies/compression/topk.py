@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, RecordDict
 from pydantic import Field
 
 from ..records import to_torch
-from .codec import PAYLOAD, DeltaCodec, RatioParams, generator, sparse_support
+from .codec import PAYLOAD, AuditRequest, AuditView, DeltaCodec, RatioParams, generator, sparse_support
 
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -60,6 +60,18 @@ class SparseCodec(DeltaCodec):
 
     def support(self, content: RecordDict, sent: ArrayRecord):
         return sparse_support(to_torch(content[PAYLOAD])["indices"], sent)
+
+    values_remark = ""  # what the carried values are, where they are more than this round's update
+
+    def audit_view(self, request: AuditRequest) -> AuditView:
+        """The attack matches only the coordinates the reply carried (``RoundRecord.support``), not the zeros
+        the unsent ones decode to, unless the audit asks for the decoded upload (``audit.support: false``)."""
+        fraction = request.support_fraction
+        if fraction is None:
+            why = "audit.support: false" if not request.support_requested else "no parameter coordinate travelled"
+            return AuditView(note=f"{self.name}: the decoded upload, unsent coordinates matched as 0 ({why})")
+        return AuditView(note=f"{self.name}: only the {100 * fraction:.3g}% of coordinates the reply carried are "
+                              f"matched{self.values_remark}")
 
 
 class TopKCodec(SparseCodec):

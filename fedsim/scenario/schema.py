@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from strategies.settings import TrainConfig
+
 from . import strict_yaml
 
 
@@ -105,20 +107,6 @@ class StrategyConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class TrainConfig(_Strict):
-    rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
-    lr_decay: float = Field(1.0, gt=0, le=1, description="lr multiplier per round")
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    participation: float = Field(1.0, gt=0, le=1, description="fraction of clients per round")
-    sampling: Literal["fixed", "bernoulli"] = Field(
-        "fixed", description="fixed: round(participation*N) clients; bernoulli: each client with p"
-    )
-
-
 class RayConfig(_Strict):
     address: str | None = Field(None, description="join an existing Ray cluster: HOST:PORT of its head, or auto "
                                 "(RAY_ADDRESS, or a `ray start` cluster on this machine); null: a private local Ray")
@@ -155,7 +143,7 @@ class OutputConfig(_Strict):
     @field_validator("dir")
     @classmethod
     def _a_path(cls, v: str | None) -> str | None:
-        # "" would be the working folder; a NUL byte no file system takes (fedsim.outdir checks the rest)
+        # "" would be the working folder; a NUL byte no file system takes (fedsim.run.outdir checks the rest)
         if v is not None and (not v.strip() or "\0" in v):
             raise _PathError(("output", "dir"), f"must be a folder path, got {short(v)}")
         return v
@@ -176,10 +164,11 @@ class AuditConfig(_Strict):
         "update", description="update: what the client uploaded; gradient: one batch gradient on request")
     batch_size: int | None = Field(None, ge=1, description="gradient threat's batch (default train.batch_size)")
     seed: int = Field(0, ge=0, description="the attack's own seed")
-    support: bool = Field(True, description="update threat through a sparsifying codec (topk, dgc): match only "
-                          "the coordinates the reply carried; false: the decoded upload, unsent ones as 0")
-    sketch_space: bool = Field(True, description="update threat through a sketch: match the sketched simulated update "
-                               "against the sketch that travelled (the server knows S); false: the de-sketch S^T y")
+    support: bool = Field(True, description="update threat through a sparsifying codec: match only the "
+                          "coordinates the reply carried; false: the decoded upload, unsent ones as 0")
+    sketch_space: bool = Field(True, description="update threat through a codec with a space of its own: match "
+                               "the simulated update mapped there (S u(x')) against what travelled (the server knows "
+                               "S); false: the decoded upload (S^T y)")
 
     @field_validator("clients")
     @classmethod
@@ -242,8 +231,8 @@ class Scenario(_Strict):
     strategy: StrategyConfig = StrategyConfig()
     train: TrainConfig = TrainConfig()
     upload: Any = Field("none", description="none, or a codec with its settings (upload.codec, upload.ratio ...)")
-    defense: Any = Field("none", description="none, a defense with its settings (name: dp_user, dp_sgd, clip, "
-                         "prune, noise), or a list of them applied in order")
+    defense: Any = Field("none", description="none, a defense with its settings (name: one of the defense "
+                         "registry's, defenses.registry), or a list of them applied in order")
     audit: Literal["none"] | AuditConfig = Field("none", description="none, or the per-round privacy audit")
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
@@ -284,17 +273,6 @@ class Scenario(_Strict):
         if len(v) > 255:
             raise _PathError(("name",), f"must be at most 255 characters (a folder name), got {len(v)}")
         return v
-
-    @model_validator(mode="after")
-    def _upload_composes(self) -> "Scenario":
-        """Flower's client-side clipping mod clips the reply's ``arrays``, which a codec replaces."""
-        if self.upload == "none" or self.defense == "none":
-            return self
-        blocks = self.defense if isinstance(self.defense, list) else [self.defense]
-        if any(getattr(b, "name", None) == "dp_user" and getattr(b, "clipping", None) == "client" for b in blocks):
-            raise _PathError(("upload", "codec"), "dp_user with clipping: client clips the uncompressed reply "
-                             "(Flower's fixedclipping_mod); use clipping: server with an upload codec")
-        return self
 
     @field_validator("audit", mode="before")
     @classmethod
@@ -339,7 +317,7 @@ class Scenario(_Strict):
     @classmethod
     def _defense(cls, v: Any) -> Any:
         """A defense block or a list of them (applied in order), each checked by its own params model."""
-        from defenses import PARAMS
+        from defenses import defense_names, defense_params
 
         if v is None or v == "none" or v == []:
             return "none"
@@ -348,14 +326,14 @@ class Scenario(_Strict):
         for i, block in enumerate(blocks):
             at = (str(i),) if isinstance(v, list) else ()
             name = block.get("name") if isinstance(block, dict) else block
-            if not isinstance(block, dict) or name not in PARAMS:
+            if not isinstance(block, dict) or name not in defense_names():
                 raise _PathError(("defense", *at, "name"), f"unknown defense {short(name)}; choose none or one of "
-                                 f"{', '.join(sorted(PARAMS))} (a mapping with its settings, or a list of them)")
+                                 f"{', '.join(defense_names())} (a mapping with its settings, or a list of them)")
             try:
-                out.append(PARAMS[name](**block))
+                out.append(defense_params(name)(**block))
             except ValidationError as exc:
                 err = exc.errors()[0]
-                raise _PathError(("defense", *at, *map(str, err["loc"])), _describe(err, PARAMS[name])) from None
+                raise _PathError(("defense", *at, *map(str, err["loc"])), _describe(err, defense_params(name))) from None
         names = [b.name for b in out]
         if len(set(names)) != len(names):
             raise _PathError(("defense",), f"each defense at most once (got {', '.join(names)})")
@@ -366,44 +344,28 @@ class Scenario(_Strict):
         return [] if self.defense == "none" else list(self.defense)
 
     @model_validator(mode="after")
-    def _defense_composes(self) -> "Scenario":
-        """Flower's accounted DP wrappers need FedAvg's own aggregation and a fixed sample size;
-        DP-SGD needs a strategy whose local step Opacus can privatise and a model Opacus handles."""
-        from strategies import get_strategy, strategy_names
+    def _features_compose(self) -> "Scenario":
+        """The rules each feature imposes on the rest of the scenario, checked by the feature itself
+        (``check`` on each defense and on the codec: ``defenses.base``, ``strategies.compression.codec``);
+        and at most one defense that accounts an epsilon of its own (one epsilon column, one guarantee)."""
+        from defenses import DEFENSES
+        from strategies import strategy_names
+        from strategies.compression import codec_class
+        from strategies.rules import RuleViolation
 
         blocks = self.defenses()
-        if {"dp_sgd", "dp_user"} <= {b.name for b in blocks}:  # one epsilon column, two different guarantees
-            raise _PathError(("defense",), "dp_sgd (sample-level) and dp_user (user-level) each account their own "
-                             "epsilon; use one of them")
+        accounting = [b.name for b in blocks if DEFENSES[b.name].accounts_epsilon]
+        if len(accounting) > 1:
+            raise _PathError(("defense",), f"{' and '.join(accounting)} each account their own epsilon; use one "
+                             f"of them")
         if self.strategy.name not in strategy_names():
             return self  # _strategy_known names the problem
-        for i, block in enumerate(blocks):
-            at = ("defense", *((str(i),) if len(blocks) > 1 else ()), "name")
-            if block.name == "dp_user":
-                if not get_strategy(self.strategy.name).uses_flower_aggregation():
-                    raise _PathError(at, f"dp_user (Flower's DP strategy wrapper) needs a strategy that aggregates "
-                                     f"with Flower's FedAvg.aggregate_train (fedavg, fedprox); {self.strategy.name} "
-                                     f"has its own rule")
-                if self.train.sampling != "fixed":
-                    raise _PathError(("train", "sampling"), "dp_user's accountant needs a fixed number of clients "
-                                     "per round: use sampling: fixed")
-                if block.adaptive:
-                    from defenses.dp_user import adaptive_refusal
-                    from strategies.base import fixed_sample_size
-
-                    reason = adaptive_refusal(block, fixed_sample_size(self.data.num_clients, self.train.participation))
-                    if reason:
-                        raise _PathError((*at[:-1], "noise_multiplier"), reason)
-            if block.name == "dp_sgd":
-                from defenses.dp_sgd import PRIVATE_STRATEGIES, refusal
-
-                if self.strategy.name not in PRIVATE_STRATEGIES:
-                    raise _PathError(at, f"dp_sgd privatises the plain local SGD step of {', '.join(PRIVATE_STRATEGIES)}; "
-                                     f"{self.strategy.name}'s step takes extra gradients (SAM, synthetic features) "
-                                     f"that Opacus cannot clip per sample")
-                reason = refusal(_model_of(self))
-                if reason:
-                    raise _PathError(("model", "name"), f"dp_sgd: Opacus cannot train {self.model.name}: {reason}")
+        try:
+            codec_class(self.upload_codec()).check(self.upload_params(), self, ("upload",))
+            for i, block in enumerate(blocks):
+                DEFENSES[block.name].check(block, self, ("defense", *((str(i),) if len(blocks) > 1 else ())))
+        except RuleViolation as exc:
+            raise _PathError(exc.loc, exc.msg) from None
         return self
 
     @model_validator(mode="after")
@@ -443,13 +405,17 @@ class Scenario(_Strict):
             return codec_params("none")
         return codec_params(self.upload_codec(), {k: v for k, v in self.upload.items() if k != "codec"})
 
+    def nominal_model(self):
+        """The scenario's model built at a nominal input size (for checks of its layer types)."""
+        return _nominal_model(self)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _model_of(s: Scenario):
-    """The scenario's model, for Opacus's module check (layer types only: the input size is nominal)."""
-    from .models import build_model
+def _nominal_model(s: Scenario):
+    """The scenario's model, for a feature's module check (layer types only: the input size is nominal)."""
+    from ..world.models import build_model
 
     m, d = s.model, s.data
     channels = {"cifar10": 3, "synthetic": d.synthetic.channels}.get(d.dataset, 1)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .results import atomic_write, read_metrics
+from ..run.results import atomic_write, read_metrics
 
 MARKERS = ("o", "s", "^", "D")  # with 10 colours: settings beyond 10 stay distinguishable
 LINES = ("-", "--", ":", "-.")
@@ -182,7 +182,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def _settings(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
     """Group runs by every swept key except ``seed`` (the spread is over seeds)."""
-    from .sweep import COLUMNS
+    from .runs_csv import COLUMNS
 
     keys = [k for k in rows[0] if k not in ("run", "seed", *COLUMNS)] if rows else []
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -201,7 +201,7 @@ def _compact(value: Any) -> str:
 
 
 def _sweep_body(root: Path) -> tuple[str, str]:
-    from .sweep import COLUMNS, read_csv
+    from .runs_csv import COLUMNS, read_csv
 
     rows = read_csv(root)
     keys, groups = _settings(rows)
@@ -268,9 +268,9 @@ def _sweep_body(root: Path) -> tuple[str, str]:
 def main(argv: list[str]) -> int:
     import sys
 
-    from .cli import EXIT_BAD_INPUT, _Parser
+    from ..console import EXIT_BAD_INPUT, Parser
 
-    p = _Parser(prog="fedsim report", description="Write report.html for a run or a sweep folder.")
+    p = Parser(prog="fedsim report", description="Write report.html for a run or a sweep folder.")
     p.add_argument("dir", help="a run folder (summary.json) or a sweep folder (runs.csv)")
     args = p.parse_args(argv)
     try:

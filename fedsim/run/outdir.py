@@ -35,8 +35,8 @@ from pathlib import Path
 
 LOCK_NAME = ".fedsim.lock"
 
-# What fedsim writes into a run's folder: a run (fedsim.results, fedsim.audit), its page
-# (fedsim.report) and the attack script (attacks.cli).
+# What fedsim writes into a run's folder: a run (fedsim.run.results, fedsim.audit), its page
+# (fedsim.compare.report) and the attack script (attacks.cli).
 RESULT_FILES = frozenset({
     "scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "audit.jsonl", "audit_psnr.png",
     "report.html", "results.json", "reconstruction.png",
@@ -44,7 +44,7 @@ RESULT_FILES = frozenset({
 # Folders fedsim fills, with what they may hold.
 RESULT_DIRS = {"audit": "round-*-client-*.png", "report": "*.png"}
 # Temporary files of atomic writes (results.atomic_write, plots) left by a killed run, and
-# the checkpoints of ``output.checkpoint_every`` (fedsim.resume).
+# the checkpoints of ``output.checkpoint_every`` (fedsim.run.resume).
 RESULT_PATTERNS = (".*.tmp", ".*.png", "checkpoint*")
 # Where a folder's results are recognised: any of these means it holds a run.
 _TEMPORARY = (".*.tmp", ".*.png")

@@ -107,12 +107,12 @@ def all_partitions(part) -> list[np.ndarray]:
     num = part.num_partitions
     if not isinstance(mapping, dict) or sorted(mapping) != list(range(num)):
         raise RuntimeError(f"flwr-datasets {type(part).__name__} no longer keeps _partition_id_to_indices "
-                           "as {partition id: positions}; update fedsim.partition.all_partitions")
+                           "as {partition id: positions}; update fedsim.world.partition.all_partitions")
     idx = part.dataset.with_format("arrow")["idx"].to_numpy()  # one Arrow read; a numpy column is 30x slower
     parts = [idx[np.asarray(mapping[i], dtype=np.int64)] for i in range(num)]
     if not np.array_equal(parts[0], np.asarray(first["idx"], dtype=np.int64)):
         raise RuntimeError(f"flwr-datasets {type(part).__name__}._partition_id_to_indices disagrees with "
-                           "load_partition(0); update fedsim.partition.all_partitions")
+                           "load_partition(0); update fedsim.world.partition.all_partitions")
     return parts
 
 

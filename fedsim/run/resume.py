@@ -1,11 +1,11 @@
 """``python -m fedsim resume RUN_DIR [--quiet]``: continue an interrupted run from its checkpoint.
 
-The run goes on from the last round its checkpoint holds (``fedsim.checkpoint``; every
+The run goes on from the last round its checkpoint holds (``fedsim.run.checkpoint``; every
 ``output.checkpoint_every`` rounds), on the engine of the scenario stored in RUN_DIR/scenario.yaml,
 and ends with the metrics.jsonl rows and summary.json the run would have had left alone (the
 wall-time fields aside). Rounds metrics.jsonl holds beyond the checkpoint are dropped and redone.
 
-The run holds RUN_DIR as a fresh run holds its output folder (``fedsim.outdir``, ``resume=True``):
+The run holds RUN_DIR as a fresh run holds its output folder (``fedsim.run.outdir``, ``resume=True``):
 a resume while another process still writes the folder (the original run, another resume) is refused.
 
 Exit codes: 0 when the run completed (a run already complete says so on stderr and exits 0, so a
@@ -21,17 +21,11 @@ import contextlib
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        print(f"fedsim: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
+from ..console import EXIT_BAD_INPUT, Parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fedsim resume", description="Continue an interrupted run from its checkpoint.")
+    p = Parser(prog="fedsim resume", description="Continue an interrupted run from its checkpoint.")
     p.add_argument("run_dir", help="the run's output folder (holds scenario.yaml, metrics.jsonl, checkpoint.pkl)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -61,8 +55,8 @@ def main(argv: list[str]) -> int:
 def _resume(run_dir: Path, progress: bool) -> int:
     from .checkpoint import CheckpointError, kept_rows, load
     from .outdir import OutputDirError, claim_output_dir
-    from .scenario import ScenarioError, scenario_from_text
-    from .world import checked_world
+    from ..scenario.schema import ScenarioError, scenario_from_text
+    from ..world.build import checked_world
 
     with contextlib.ExitStack() as held:
         try:  # the folder is this run's from here on: a run still writing it (the original one) refuses us
@@ -80,8 +74,8 @@ def _resume(run_dir: Path, progress: bool) -> int:
         except (ScenarioError, CheckpointError) as exc:
             return _fail(str(exc))
 
-        from .cli import _print_table
-        from .engines import run_scenario
+        from ..console import print_table
+        from ..engines import run_scenario
         from .observers import AllClientsFailed
 
         try:
@@ -91,5 +85,5 @@ def _resume(run_dir: Path, progress: bool) -> int:
         except AllClientsFailed as exc:
             print(f"fedsim: error: {exc}; rounds so far are in {run_dir / 'metrics.jsonl'}", file=sys.stderr)
             return 1
-    _print_table(summary, run_dir)
+    print_table(summary, run_dir)
     return 0

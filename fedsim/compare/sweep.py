@@ -14,7 +14,7 @@ first bad one is one line naming its run, exit 2. Each run writes its own run fo
 sweep skips runs whose summary.json holds the same resolved scenario and redoes the rest
 (an interrupted run's folder is cleared first). ``runs.csv`` gets one row per run, in
 expansion order, from each run's own summary.json, audit.jsonl and metrics.jsonl; the
-plots and ``report.html`` come from ``fedsim.report``.
+plots and ``report.html`` come from ``fedsim.compare.report``.
 
 Runs are Ray tasks of one CPU each: ``--workers N`` starts a local Ray instance of N CPUs
 (loopback only, never joining a cluster found in the environment); ``--address`` joins
@@ -38,9 +38,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .outdir import OutputDirError, check_output_dir, check_output_path, claim_output_dir, hold_folder
-from .results import atomic_write
-from .scenario import Scenario, ScenarioError, apply_overrides, load_raw, parse_scenario
+from ..run.outdir import OutputDirError, check_output_dir, check_output_path, claim_output_dir, hold_folder
+from ..run.results import atomic_write
+from ..scenario.schema import Scenario, ScenarioError, apply_overrides, load_raw, parse_scenario
+from .runs_csv import COLUMNS, read_csv  # noqa: F401  (read_csv: the sweep's reader, also here)
 
 SEP = "__"
 
@@ -134,7 +135,7 @@ def expand_runs(sweep: SweepFile, folder: str | Path = ".") -> list[SweepRun]:
     base_raw = load_raw(base)
     fixed = [f"{k}={_yaml_text(v)}" for k, v in sweep.set.items()]
     runs, names = [], set()
-    from .world import checked_world
+    from ..world.build import checked_world
 
     for values in expand(sweep):
         name = run_name(values)
@@ -176,8 +177,8 @@ def _run_task(scenario_yaml: str, run_dir: str) -> dict:
     import os
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from .engines import run_scenario
-    from .scenario import scenario_from_text
+    from ..engines import run_scenario
+    from ..scenario.schema import scenario_from_text
 
     # An interrupted or stale run is redone from nothing: the claim clears its results (only
     # fedsim's files: run_sweep has refused folders holding others) and holds the folder.
@@ -190,7 +191,7 @@ def run_sweep(sweep: SweepFile, runs: list[SweepRun], out: str | Path, *, worker
     """Run what is not done yet; write runs.csv and the report. Returns the sweep folder.
 
     Every output path is checked before anything is written (OutputDirError, one line), and
-    the sweep's folder is held (``fedsim.outdir.hold_folder``) while the sweep runs: a second
+    the sweep's folder is held (``fedsim.run.outdir.hold_folder``) while the sweep runs: a second
     sweep of the same name into the same folder is refused rather than redoing the same runs."""
     root = Path(out) / sweep.name
     check_output_path(root)
@@ -217,7 +218,7 @@ def _run_todo(sweep: SweepFile, runs: list[SweepRun], todo: list[SweepRun], root
               address: str | None, progress: bool) -> None:
     import ray
 
-    from .engines.ray import join_ray, start_local_ray, stop_local_ray
+    from ..engines.ray_cluster import join_ray, start_local_ray, stop_local_ray
 
     if todo:
         if address is not None:
@@ -265,11 +266,6 @@ def _wait_all(pending: dict, total: int, done_before: int, progress: bool) -> di
 
 # ----------------------------------------------------------------------------- runs.csv
 
-COLUMNS = ["accuracy", "best_accuracy", "bytes_up_total", "bytes_down_total", "epsilon", "audit_worst_psnr",
-           "audit_worst_ssim", "audit_worst_cw_ssim", "audit_label_accuracy", "audit_i2f_psnr", "audits",
-           "failures_total", "wall_s"]
-
-
 def run_row(run_dir: Path) -> dict[str, Any]:
     """The figures of one finished run, from its own files."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -315,29 +311,14 @@ def _cell(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def read_csv(root: str | Path) -> list[dict[str, Any]]:
-    """runs.csv back as dicts with numbers as numbers (empty cells: None)."""
-    rows = list(csv.DictReader((Path(root) / "runs.csv").read_text().splitlines()))
-    return [{k: _parse(v) for k, v in row.items()} for row in rows]
-
-
-def _parse(text: str) -> Any:
-    if text == "":
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv: list[str]) -> int:
     import argparse
     import os
     import sys
 
-    from .cli import EXIT_BAD_INPUT, _Parser
+    from ..console import EXIT_BAD_INPUT, Parser
 
-    p = _Parser(prog="fedsim sweep", description="Run a grid of scenarios (resumable).")
+    p = Parser(prog="fedsim sweep", description="Run a grid of scenarios (resumable).")
     p.add_argument("sweep", help="sweep YAML file")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (local Ray CPUs)")
     p.add_argument("--address", help="join this existing Ray cluster instead of starting one")
@@ -356,7 +337,7 @@ def main(argv: list[str]) -> int:
         print("fedsim: interrupted during start-up; nothing was written", file=sys.stderr)
         return 130
     if args.address is not None:  # before any output: a bad or unreachable address is bad input
-        from .engines.ray import check_ray_address
+        from ..engines.ray_cluster import check_ray_address
 
         try:
             check_ray_address(args.address)

@@ -20,7 +20,7 @@ from .data import ImageDataset, load_dataset, nominal_shape
 from .memory import MemoryRefused
 from .models import build_model
 from .partition import ClientSplit, partition_indices, train_val_split, val_count
-from .scenario import DataConfig, ModelConfig, Scenario, scenario_from_text
+from ..scenario.schema import DataConfig, ModelConfig, Scenario, scenario_from_text
 
 # Independent streams of the one scenario seed: 1 client sampling (strategies.base), 2 local
 # training (strategies.trainer), 3 model init, 4 data split, 5 DP noise (defenses.dp_user), 6 audit,
@@ -110,20 +110,43 @@ def world_key(seed: int, data: DataConfig, model: ModelConfig) -> str:
 
 # Worlds by world_key (each built once), and the same Worlds by scenario text: ClientApps
 # look their world up by text on every call, and that stays a dict hit, with no parsing.
+# Both are bounded: a process that runs many scenarios (a Ray worker a sweep reuses) keeps the
+# MAX_WORLDS latest Worlds (each holds its data set) and MAX_TEXTS texts, not every one.
+MAX_WORLDS = 4
+MAX_TEXTS = 64
 _BUILT: dict[str, World] = {}
 _WORLDS: dict[str, World] = {}
 
 
+def _keep_built(key: str, world: World) -> None:
+    """Cache ``world`` under ``key`` as the latest; the oldest beyond MAX_WORLDS go, with their texts."""
+    _BUILT.pop(key, None)
+    _BUILT[key] = world
+    while len(_BUILT) > MAX_WORLDS:
+        old = _BUILT.pop(next(iter(_BUILT)))
+        for text in [t for t, w in _WORLDS.items() if w is old]:
+            del _WORLDS[text]
+
+
+def _keep_text(scenario_yaml: str, world: World) -> None:
+    _WORLDS.pop(scenario_yaml, None)
+    _WORLDS[scenario_yaml] = world
+    while len(_WORLDS) > MAX_TEXTS:
+        del _WORLDS[next(iter(_WORLDS))]
+
+
 def world_from_text(scenario_yaml: str) -> World:
-    """The world of a resolved scenario; its data is built once per process per ``world_key``."""
+    """The world of a resolved scenario; its data is built once per process per ``world_key``
+    (while it is among the MAX_WORLDS latest)."""
     world = _WORLDS.get(scenario_yaml)
     if world is None:
         s = scenario_from_text(scenario_yaml)
         key = world_key(s.seed, s.data, s.model)
         world = _BUILT.get(key)
         if world is None:
-            world = _BUILT[key] = build_world(s)
-        _WORLDS[scenario_yaml] = world
+            world = build_world(s)
+        _keep_built(key, world)
+        _keep_text(scenario_yaml, world)
     return world
 
 
@@ -134,7 +157,7 @@ def checked_world(scenario_yaml: str) -> World:
     prints with exit code 2.
     """
     from .data import DataError
-    from .scenario import ScenarioError
+    from ..scenario.schema import ScenarioError
 
     try:
         check_memory(scenario_from_text(scenario_yaml))
@@ -149,7 +172,7 @@ def checked_world(scenario_yaml: str) -> World:
 
 def check_memory(s: Scenario) -> None:
     """Refuse (MemoryRefused, naming the key) data and a model whose sizes alone exceed the
-    memory available, before anything is loaded or built (``fedsim.memory``)."""
+    memory available, before anything is loaded or built (``fedsim.world.memory``)."""
     d, m = s.data, s.model
     samples, channels, side = nominal_shape(d.dataset, image_size=d.image_size, synthetic_channels=d.synthetic.channels,
                                             synthetic_size=d.synthetic.size, synthetic_train=d.synthetic.train,
@@ -168,5 +191,7 @@ def check_memory(s: Scenario) -> None:
 
 def adopt_world(scenario_yaml: str, world: World) -> None:
     """Use a world built elsewhere (an engine shipping it to its workers) instead of rebuilding it."""
-    _WORLDS[scenario_yaml] = world
-    _BUILT.setdefault(world_key(world.seed, world.data, world.model), world)
+    key = world_key(world.seed, world.data, world.model)
+    if key not in _BUILT:
+        _keep_built(key, world)
+    _keep_text(scenario_yaml, world)

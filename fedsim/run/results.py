@@ -50,7 +50,7 @@ class ResultsWriter:
     """Owns one run directory."""
 
     def __init__(self, out_dir: str | Path, scenario_yaml: str, rows: list[dict[str, Any]] | None = None):
-        """``rows``: a resumed run's rounds so far (``fedsim.checkpoint.kept_rows``); metrics.jsonl is
+        """``rows``: a resumed run's rounds so far (``fedsim.run.checkpoint.kept_rows``); metrics.jsonl is
         rewritten to them, once, and appended to from there."""
         self.dir = Path(out_dir)
         self.rows: list[dict[str, Any]] = list(rows or [])

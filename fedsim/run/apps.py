@@ -1,0 +1,269 @@
+"""fedsim's Flower apps: the ServerApp and ClientApp that every engine runs unchanged.
+
+The scenario reaches both through ``Context.run_config``: ``scenario-yaml`` (the resolved
+scenario, set by fedsim's engines) or ``scenario`` (a path, as ``flwr run`` passes it from
+``[tool.flwr.app.config]``). A ClientApp finds its data by ``node_config["partition-id"]``, or in
+its own files at ``node_config["data-path"]`` (``fedsim.deploy.node_data``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from torch import nn
+
+from defenses import build_defenses
+from defenses.client import client_defenses, defend_upload, private_training, reply_metrics, wrap_call
+from strategies import ClientData, ClientJob, ServerSettings, TrainSettings, get_strategy
+from strategies.base import client_config, fixed_sample_size
+from strategies.compression import CodecContext, get_codec
+from strategies.records import to_record, to_torch
+
+from . import checkpoint
+from ..audit.observer import AuditObserver
+from ..audit.query import QUERY_GRADIENT, answer_gradient_query
+from .metered import MeteredGrid
+from .observers import (CentralEvaluation, CodecReport, DefenseReport, FailureWatch, ProgressObserver, ResultsObserver,
+                        RoundTiming, StrategyReport, evaluate)
+from .progress import RoundProgress
+from .results import ResultsWriter
+from .rounds import run_rounds
+from ..scenario.schema import Scenario, load_scenario
+from ..world.build import MAX_WORLDS, World, world_from_text
+
+# ----------------------------------------------------------------------------- client
+
+
+def scenario_text(run_config: dict) -> str:
+    if "scenario-yaml" in run_config:
+        return str(run_config["scenario-yaml"])
+    if "scenario" in run_config:
+        path = Path(str(run_config["scenario"]))
+        if not path.is_absolute() and not path.exists():
+            path = Path(__file__).resolve().parents[2] / path  # relative to the app (FAB) root
+        return load_scenario(path).to_yaml()
+    raise KeyError("run_config has neither 'scenario-yaml' nor 'scenario'")
+
+
+# One model object per World per process, reloaded every call; by id(world), checked against a
+# weak reference (an id can be reused once its World is gone), at most MAX_WORLDS as the Worlds.
+_models: dict[int, tuple[weakref.ref, nn.Module]] = {}
+
+
+def _model_of(world: World) -> nn.Module:
+    entry = _models.get(id(world))
+    if entry is None or entry[0]() is not world:
+        _models.pop(id(world), None)
+        entry = _models[id(world)] = (weakref.ref(world), world.new_model())
+        while len(_models) > MAX_WORLDS:
+            del _models[next(iter(_models))]
+    return entry[1]
+
+
+def _client_setup(context: Context) -> tuple[World, nn.Module, ClientData]:
+    world = world_from_text(scenario_text(context.run_config))
+    model = _model_of(world)
+    pid = int(context.node_config["partition-id"])
+    if "data-path" in context.node_config:  # the node's own files (fedsim.deploy.node_data)
+        from ..deploy.node_data import local_tensors
+
+        x, y, xv, yv = local_tensors(world, str(context.node_config["data-path"]), pid)
+    else:
+        x, y, xv, yv = world.client_tensors(pid)
+    return world, model, ClientData(pid, x, y, xv, yv)
+
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    """Train as the message says: every setting (strategy, its hyperparameters, codec, defenses) is
+    read from the message config; the scenario copy only gives this node its data and model.
+
+    The update goes through the transforms the config lists, in order: the client defenses'
+    (``defenses.client``: an in-training hook, update transforms, wrappers of this whole call such
+    as Flower's clipping mods), then the codec's encoding."""
+    config = msg.content["config"]
+    defenses = client_defenses(config)
+    return wrap_call(lambda m, c: _train(m, c, defenses), defenses, config)(msg, context)
+
+
+def _train(msg: Message, context: Context, defenses: list) -> Message:
+    _, model, data = _client_setup(context)
+    config = msg.content["config"]
+    spec = get_strategy(str(config["strategy"]))
+    algorithm = spec.client(spec.params.model_validate_json(str(config["strategy-params"])))
+    sent = to_torch(msg.content["arrays"])
+    model.load_state_dict(sent)
+    job = ClientJob(model, data, TrainSettings.from_config(config, data.partition_id), msg.content,
+                    context.state, sent, private=private_training(defenses, context.state))
+    upload = algorithm.train(job)
+    defense_metrics = defend_upload(upload, defenses, config, data.partition_id)  # before the codec
+    codec = get_codec(str(config["codec"]), str(config.get("codec-params", "{}")))
+    ctx = CodecContext(seed=int(config.get("codec-seed", 0)), server_round=int(config["server-round"]),
+                       client=data.partition_id)
+    reply = codec.encode(upload, context.state, ctx)
+    metrics = {**{k: float(v) for k, v in upload.metrics.items()}, **defense_metrics,
+               "num-examples": data.num_examples, **reply_metrics(defenses, config)}
+    reply["metrics"] = MetricRecord(metrics)
+    reply["fedsim"] = ConfigRecord({"partition-id": data.partition_id})
+    return Message(reply, reply_to=msg)
+
+
+@client_app.query(QUERY_GRADIENT)
+def client_audit_gradient(msg: Message, context: Context) -> Message:
+    """The audit's gradient threat: one batch gradient at the sent model (fedsim.audit)."""
+    _, model, data = _client_setup(context)
+    return Message(answer_gradient_query(msg.content, model, data.x, data.y, data.partition_id), reply_to=msg)
+
+
+@client_app.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    _, model, data = _client_setup(context)
+    model.load_state_dict(to_torch(msg.content["arrays"]))
+    loss, acc = evaluate(model, data.x_val, data.y_val)
+    metrics = MetricRecord({"loss": loss, "accuracy": acc, "num-examples": len(data.y_val)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def server_settings(s: Scenario) -> ServerSettings:
+    return ServerSettings(**s.train.model_dump(), seed=s.seed, num_clients=s.data.num_clients,
+                          strategy=s.strategy.name, strategy_params=s.strategy_params().model_dump_json(),
+                          codec=s.upload_codec(), codec_params=s.upload_params().model_dump_json())
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> None:
+    """Round 1 starts only when every client node has connected."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            found = len(list(grid.get_node_ids()))
+            raise TimeoutError(f"only {found} of {expected} client nodes connected within {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bool = True,
+               ground_truth: bool = True, resume: bool = False) -> dict:
+    """Run the scenario's rounds on ``grid``, writing results to ``out_dir``; returns the summary.
+
+    ``ground_truth``: whether this process may score the audit against clients' data (fedsim's
+    own engines); a deployed server has none. ``resume``: continue the run in ``out_dir`` from its
+    checkpoint (``fedsim.run.checkpoint``; raises CheckpointError without a usable one)."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # fedsim reports rounds and failures itself
+    start = time.perf_counter()
+    world = world_from_text(scenario.to_yaml())
+    spec = get_strategy(scenario.strategy.name)
+    settings = server_settings(scenario)
+    strategy = spec.server(scenario.strategy_params(), settings)
+    model = world.new_model()
+    ckpt = checkpoint.load(out_dir, scenario.to_yaml()) if resume else None
+    writer = ResultsWriter(out_dir, scenario.to_yaml(),
+                           rows=checkpoint.kept_rows(out_dir, ckpt.server_round) if ckpt else None)
+    metered = MeteredGrid(grid)
+    wait_for_nodes(metered, scenario.data.num_clients, scenario.engine.timeout_s)
+    evaluation = CentralEvaluation(model, world.dataset.x_test, world.dataset.y_test)
+    sampled = fixed_sample_size(scenario.data.num_clients, scenario.train.participation)
+    defenses, train_config = build_defenses(scenario.defenses(), scenario.data.num_clients, sampled, scenario.seed,
+                                            scenario.train.rounds)
+    codec = get_codec(scenario.upload_codec(), scenario.upload_params())
+    running = strategy
+    for defense in defenses:
+        running = defense.wrap_server(running)
+    arrays, first_round = to_record(model.state_dict()), 1
+    if ckpt is not None:  # the server objects as the checkpoint left them (built above only for train_config)
+        strategy, running, defenses, codec = (ckpt.server[k] for k in ("strategy", "running", "defenses", "codec"))
+        arrays, first_round = ckpt.arrays, ckpt.server_round + 1
+        ckpt.restore_nodes(grid.contexts)
+        start -= ckpt.elapsed_s  # wall_s and elapsed_s go on from the checkpoint's
+
+    # The audit asks clients through the plain grid: its queries are not training traffic.
+    # The audit's gradient query carries the round's training settings and the client-side defense steps
+    # too: the answer is defended as an upload of that round would be.
+    def query_config(server_round: int) -> dict:
+        return {**client_config(settings, server_round), **train_config,
+                **{k: v for d in defenses for k, v in d.query_config().items()}}
+
+    audit = (AuditObserver(scenario, world, grid, out_dir, scenario.engine.timeout_s, ground_truth,
+                           query_config=query_config)
+             if scenario.audit != "none" else None)
+
+    failures = FailureWatch()
+    if ckpt is not None:
+        evaluation.initial = ckpt.observers["evaluation"]
+        failures.reasons, failures.streak = ckpt.observers["failures"]
+        if audit is not None:
+            audit.resume(ckpt.observers["audit"])
+
+    def server_state(record) -> dict:  # what the checkpoint holds beyond node states (fedsim.run.checkpoint)
+        return {"arrays": record.arrays,
+                "server": {"strategy": strategy, "running": running, "defenses": defenses, "codec": codec},
+                "observers": {"evaluation": evaluation.initial, "failures": (failures.reasons, failures.streak),
+                              "audit": audit.checkpoint_state() if audit else None}}
+
+    # Only an engine of fedsim's own holds the nodes' Context.state; under `flwr run` it lives on the
+    # SuperNodes, out of a server checkpoint's reach, so a deployed run writes none.
+    checkpointer = (checkpoint.Checkpointer(Path(out_dir), scenario.output.checkpoint_every, scenario.train.rounds,
+                                            scenario.to_yaml(), grid.contexts, server_state, start)
+                    if scenario.output.checkpoint_every and hasattr(grid, "contexts") else None)
+    if checkpointer is not None and ckpt is not None:
+        checkpointer.resume_from(ckpt)
+    with RoundProgress(scenario.train.rounds, enabled=progress, completed=first_round - 1) as bar:
+        observers = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
+                     *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
+                     *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar), failures,
+                     *([checkpointer] if checkpointer else [])]  # last: after every observer saw the round
+        try:
+            run_rounds(running, metered, codec, arrays, scenario.train.rounds, scenario.engine.timeout_s,
+                       observers, ConfigRecord(train_config), first_round=first_round)
+        finally:
+            if audit is not None:
+                audit.close()  # the run waits for the last attack
+
+    rows = writer.rows
+    summary = {
+        "name": scenario.name,
+        "accuracy": rows[-1]["accuracy"],
+        "loss": rows[-1]["loss"],
+        "best_accuracy": max(r["accuracy"] for r in rows),
+        "initial_accuracy": evaluation.initial.get("accuracy"),
+        "rounds": len(rows),
+        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "failures_total": sum(r["failures"] for r in rows),
+        "failure_reasons": failures.reasons,  # distinct reason -> how many client-rounds it failed
+        "wall_s": time.perf_counter() - start,
+        "engine": scenario.engine.name,
+        "scenario": scenario.model_dump(mode="json"),
+        **(audit.summary() if audit else {}),
+        **{k: v for d in defenses for k, v in d.summary(rows).items()},
+    }
+    writer.finish(summary, plot=scenario.output.plot, audit_rows=audit.rows if audit else None)
+    if checkpointer is not None:
+        checkpointer.remove()
+    return summary
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    from ..scenario.schema import scenario_from_text
+
+    scenario = scenario_from_text(scenario_text(context.run_config))
+    out_dir = context.run_config.get("out-dir") or scenario.output.dir or f"runs/{scenario.name}"
+    progress = bool(context.run_config.get("progress", scenario.output.progress))
+    # fedsim's own engines pass the resolved scenario text; `flwr run` (a deployment) passes a path,
+    # and there the server holds none of the clients' data to score an audit with.
+    run_server(grid, scenario, str(out_dir), progress=progress, ground_truth="scenario-yaml" in context.run_config,
+               resume=bool(context.run_config.get("resume", False)))
