@@ -119,7 +119,7 @@ def _run(grid_factory, scenario, out_dir) -> dict[int, int]:
 
 
 def _ray_grid(scenario, **ray_config):
-    from fedsim.engines.ray_cluster import RayGrid
+    from fedsim.engines.ray import RayGrid
 
     def make(client_config, setup=register_faulty, client_app=None):
         return RayGrid(scenario.data.num_clients, client_config, scenario.engine.ray.model_copy(update=ray_config),

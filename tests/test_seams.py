@@ -63,3 +63,23 @@ def test_a_codec_is_one_module_plus_one_registry_line():
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & modules - {"strategies.compression.codec"}, f"{path} imports {imported & modules}"
+
+
+def test_every_codec_says_what_the_attacker_sees():
+    """A codec states its own audit view (no codec falls back to a generic note without saying so)."""
+    from strategies.compression import _CODECS
+    from strategies.compression.codec import Codec
+
+    silent = [name for name, cls in _CODECS.items() if cls.audit_view is Codec.audit_view]
+    assert not silent, f"codecs without an audit_view of their own: {silent}"
+
+
+def test_the_audit_reads_each_codec_through_its_own_view():
+    """The audit's note for a codec is the codec's own view of the reply, whatever the codec."""
+    from strategies.compression import get_codec
+    from strategies.compression.codec import AuditRequest, CodecContext
+
+    request = AuditRequest(wire=None, sent={}, ctx=CodecContext(), param_names=[], support_fraction=0.25)
+    assert get_codec("topk").audit_view(request).note.startswith("topk: only the 25%")
+    assert get_codec("none").audit_view(request).note == ""
+    assert not get_codec("countsketch").audit_view(request).exact
