@@ -66,8 +66,26 @@ def _model_of(world: World) -> nn.Module:
     return entry[1]
 
 
+def deployed_threads(run_config: dict, scenario_yaml: str) -> None:
+    """Under `flwr run` each app process starts at torch's default thread count; fedsim's engines run the
+    server and every client at ``engine.torch_threads``. Float reductions (a matmul's, the evaluation's
+    sums) depend on the thread count, so a deployed run gives the simulated run's metrics only at the
+    same count: set it here, where fedsim's engines have not."""
+    if "scenario-yaml" in run_config:
+        return  # one of fedsim's engines: it set the count for this process
+    import torch
+
+    from ..scenario.schema import scenario_from_text
+
+    threads = scenario_from_text(scenario_yaml).engine.torch_threads
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def _client_setup(context: Context) -> tuple[World, nn.Module, ClientData]:
-    world = world_from_text(scenario_text(context.run_config))
+    text = scenario_text(context.run_config)
+    deployed_threads(context.run_config, text)
+    world = world_from_text(text)
     model = _model_of(world)
     pid = int(context.node_config["partition-id"])
     if "data-path" in context.node_config:  # the node's own files (fedsim.deploy.node_data)
@@ -260,7 +278,9 @@ server_app = ServerApp()
 def server_main(grid: Grid, context: Context) -> None:
     from ..scenario.schema import scenario_from_text
 
-    scenario = scenario_from_text(scenario_text(context.run_config))
+    text = scenario_text(context.run_config)
+    deployed_threads(context.run_config, text)
+    scenario = scenario_from_text(text)
     out_dir = context.run_config.get("out-dir") or scenario.output.dir or f"runs/{scenario.name}"
     progress = bool(context.run_config.get("progress", scenario.output.progress))
     # fedsim's own engines pass the resolved scenario text; `flwr run` (a deployment) passes a path,
