@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
 
             from .engines import run_scenario
-            from .run.observers import AllClientsFailed
+            from .run.rounds import RunStopped
 
             out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
             try:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"fedsim: interrupted; rounds completed so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
             return 130
-        except AllClientsFailed as exc:
+        except RunStopped as exc:  # every client failed, or the model diverged
             print(f"fedsim: error: {exc}; rounds so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
             return 1
     print_table(summary, out_dir)

@@ -63,7 +63,12 @@ def test_overwrite_clears_the_old_run_first(tmp_path, capsys):
     (out / "audit").mkdir()
     (out / "audit" / "round-1-client-0.png").write_bytes(b"old")
     (out / "audit.jsonl").write_text("{}\n")
-    (out / ".summary.json.abc123.tmp").write_text("torn")  # a killed run's temporary file
+    (out / ".summary.json.abc_1234.tmp").write_text("torn")  # a killed run's temporary files
+    (out / ".accuracy.png.k3j9x0qa.png").write_bytes(b"torn plot")
+    (out / "audit" / ".round-1-client-0.png.zz00aa11.png").write_bytes(b"torn")
+    (out / "checkpoint.pkl").write_bytes(b"state")  # output.checkpoint_every, and its torn write
+    (out / ".checkpoint.pkl.q1w2e3r4.tmp").write_bytes(b"torn state")
+    (out / "audit_psnr.png").write_bytes(b"old")
     assert main([str(_scenario(tmp_path, train__rounds=2)), "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "scenario.yaml", "summary.json"]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
@@ -82,6 +87,90 @@ def test_overwrite_never_deletes_files_fedsim_did_not_write(tmp_path, capsys):
     err = _one_error_line(capsys)
     assert "files fedsim did not write" in err and "notes.txt" in err and "audit" in err
     assert _snapshot(out) == before
+
+
+# What a user keeps in a run's folder that only looks like fedsim's (issue 21, item 1): each survives
+# a run with --overwrite and a sweep's redo of an unfinished run, and is not called a run's results.
+USER_FILES = {
+    "checkpoints/epoch1/model.bin": "a checkpoints folder",
+    "checkpoint_best.pt": "a checkpoint file",
+    ".notes.tmp/todo.txt": "a hidden folder ending in .tmp",
+    ".cover.png": "a hidden PNG",
+    ".summary.json.tmp": "a hidden file named like a temporary file, but not one fedsim makes",
+}
+
+
+def _user_file(out: Path, rel: str) -> Path:
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("mine")
+    return path
+
+
+@pytest.mark.parametrize("rel", USER_FILES)
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_users_file_like_fedsims_is_never_deleted(tmp_path, capsys, rel, overwrite):
+    out = tmp_path / "run"
+    assert main([str(_scenario(tmp_path, output__plot=True)), "--out", str(out), "--quiet"]) == 0
+    mine = _user_file(out, rel)
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([str(_scenario(tmp_path)), "--out", str(out), "--quiet"] + ["--overwrite"] * overwrite) == 2
+    err = _one_error_line(capsys)
+    assert "files fedsim did not write" in err and rel.split("/")[0] in err, err
+    assert "results of another run" not in err
+    assert mine.read_text() == "mine" and _snapshot(out) == before
+
+
+@pytest.mark.parametrize("rel", USER_FILES)
+def test_a_folder_of_only_user_files_is_refused_not_called_a_run(tmp_path, capsys, rel):
+    out = tmp_path / "run"
+    mine = _user_file(out, rel)
+    assert main([str(_scenario(tmp_path)), "--out", str(out), "--quiet", "--overwrite"]) == 2
+    err = _one_error_line(capsys)
+    assert "files fedsim did not write" in err and "results of another run" not in err, err
+    assert mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("rel", USER_FILES)
+def test_a_sweeps_redo_of_an_unfinished_run_keeps_a_users_file(tmp_path, capsys, rel):
+    from fedsim.compare.sweep import _run_task, load_sweep
+    from fedsim.scenario import parse_scenario
+
+    run_dir = tmp_path / "runs" / "r"  # the task itself (run_sweep checks first: below)
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"round": 1, "accuracy": 0.1}\n{"round": 2, "acc')  # killed mid-run
+    (run_dir / "checkpoint.pkl").write_bytes(b"state")
+    mine = _user_file(run_dir, rel)
+    with pytest.raises(OutputDirError, match="files fedsim did not write"):
+        _run_task(parse_scenario(small_raw(train__rounds=1)).to_yaml(), str(run_dir))
+    assert mine.read_text() == "mine" and (run_dir / "checkpoint.pkl").read_bytes() == b"state"
+
+    _, runs = load_sweep(_sweep(tmp_path))
+    sweep_run = tmp_path / "out" / "tiny" / "runs" / runs[0].name
+    sweep_run.mkdir(parents=True)
+    (sweep_run / "metrics.jsonl").write_text('{"round": 1, "accuracy": 0.1}\n')  # unfinished: no summary
+    mine = _user_file(sweep_run, rel)
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = _one_error_line(capsys)
+    assert f"sweep run {runs[0].name}: output folder" in err and "files fedsim did not write" in err, err
+    assert mine.read_text() == "mine"
+
+
+def test_clear_removes_only_fedsims_own_files_even_if_called_alone(tmp_path):
+    """The removal re-checks each name: a user file never goes, whatever the caller checked."""
+    from fedsim.run.outdir import _clear
+
+    out = tmp_path / "run"
+    out.mkdir()
+    own = ["summary.json", "metrics.jsonl", "checkpoint.pkl", ".checkpoint.pkl.abcdefgh.tmp", "audit/round-2-client-3.png",
+           "audit/.round-2-client-3.png.a1b2c3d4.png", ".accuracy.png.a_b_c_d_.png", "report/accuracy.png"]
+    for rel in own:
+        _user_file(out, rel)
+    mine = [_user_file(out, rel) for rel in [*USER_FILES, "audit/notes.txt", "report/thesis.pdf"]]
+    _clear(out)
+    assert all(p.read_text() == "mine" for p in mine)
+    assert not any((out / rel).exists() for rel in own)
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../up", "x" * 256])

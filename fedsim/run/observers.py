@@ -18,7 +18,7 @@ from strategies.records import to_torch
 
 from .progress import RoundProgress
 from .results import ResultsWriter
-from .rounds import RoundObserver, RoundRecord
+from .rounds import RoundObserver, RoundRecord, RunStopped
 
 
 @torch.no_grad()
@@ -131,7 +131,7 @@ class ProgressObserver(RoundObserver):
 ALL_FAILED_ROUNDS = 3  # rounds in a row in which every sampled client failed before a run stops
 
 
-class AllClientsFailed(RuntimeError):
+class AllClientsFailed(RunStopped):
     """Every sampled client failed for ``ALL_FAILED_ROUNDS`` rounds in a row: the run stops."""
 
 

@@ -12,11 +12,15 @@
   files are removed first, so no summary or plot of the old run survives beside the new
   metrics. ``resume`` is the opposite: the folder must hold a run, and it is kept as it is.
 
-A folder holding anything fedsim does not write (``RESULT_FILES``, ``RESULT_DIRS``,
-``RESULT_PATTERNS``) is refused for a new run, with or without ``overwrite``: fedsim deletes
-only what it can tell it wrote, and a run's folder holds one run and nothing else. (A folder
-that is not fedsim's, such as ``--out .`` or ``name: ..``'s working folder, is the common
-case.)
+A folder holding anything fedsim does not write is refused for a new run, with or without
+``overwrite``: fedsim deletes only what it can tell it wrote, and a run's folder holds one run
+and nothing else. (A folder that is not fedsim's, such as ``--out .`` or ``name: ..``'s working
+folder, is the common case.) "What fedsim writes" is exact: the names in ``RESULT_FILES``, the
+files of ``RESULT_DIRS`` by their exact name templates, and the temporary files of fedsim's
+atomic writes, which are named ``.<final name>.<8 characters of tempfile>.tmp`` (or ``.png``)
+after one of those files; all of them plain files, never links or folders. A user's
+``checkpoint_best.pt``, ``checkpoints/``, hidden ``.notes.tmp`` or ``.cover.png`` is not
+fedsim's, so it is never removed: its folder is refused, naming it.
 
 Errors are ``OutputDirError``, one line naming the folder; the commands print it and exit 2.
 Leaf module.
@@ -26,28 +30,28 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import fnmatch
 import os
-import shutil
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 LOCK_NAME = ".fedsim.lock"
 
-# What fedsim writes into a run's folder: a run (fedsim.run.results, fedsim.audit), its page
-# (fedsim.compare.report) and the attack script (attacks.cli).
+# What fedsim writes into a run's folder: a run (fedsim.run.results, fedsim.audit, the
+# checkpoint of ``output.checkpoint_every``: fedsim.run.checkpoint), its page
+# (fedsim.compare.report) and the attack script (attacks.cli). Exact names: nothing else is fedsim's.
 RESULT_FILES = frozenset({
     "scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "audit.jsonl", "audit_psnr.png",
-    "report.html", "results.json", "reconstruction.png",
+    "report.html", "results.json", "reconstruction.png", "checkpoint.pkl",
 })
-# Folders fedsim fills, with what they may hold.
-RESULT_DIRS = {"audit": "round-*-client-*.png", "report": "*.png"}
-# Temporary files of atomic writes (results.atomic_write, plots) left by a killed run, and
-# the checkpoints of ``output.checkpoint_every`` (fedsim.run.resume).
-RESULT_PATTERNS = (".*.tmp", ".*.png", "checkpoint*")
-# Where a folder's results are recognised: any of these means it holds a run.
-_TEMPORARY = (".*.tmp", ".*.png")
+# Folders fedsim fills, with the exact names (a regular expression) of what they may hold:
+# fedsim.audit's reconstructions, fedsim.compare.report's plots.
+RESULT_DIRS = {"audit": r"round-[0-9]+-client-[0-9]+\.png", "report": r"[a-z_]+\.png"}
+# Temporary files of atomic writes (results.atomic_write, checkpoint._write, the plots) left by
+# a killed run: tempfile.mkstemp(prefix=".<name>.", suffix=".tmp" or ".png") puts 8 characters
+# of [a-z0-9_] between; fedsim.compare.report's plots use ".<name>.tmp.png".
+_TEMPORARY = r"\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.(?:tmp|png)|tmp\.png)"
 # Room for the longest name fedsim writes inside the folder (a temp file of an audit PNG).
 _INSIDE = 64
 
@@ -197,15 +201,24 @@ def _make_dirs(path: Path) -> list[Path]:
 def _own(entry: Path) -> bool:
     """Whether fedsim writes ``entry`` (a name in a run's folder) and what it holds."""
     name = entry.name
-    if name == LOCK_NAME or any(fnmatch.fnmatchcase(name, p) for p in RESULT_PATTERNS):
-        return True
-    if name in RESULT_FILES:
-        return entry.is_file() and not entry.is_symlink()
+    if name == LOCK_NAME or name in RESULT_FILES or _temporary(name, RESULT_FILES.__contains__):
+        return _plain_file(entry)
     pattern = RESULT_DIRS.get(name)
     if pattern is None or entry.is_symlink() or not entry.is_dir():
         return False
-    return all(c.is_file() and (fnmatch.fnmatchcase(c.name, pattern) or
-                                any(fnmatch.fnmatchcase(c.name, t) for t in _TEMPORARY)) for c in entry.iterdir())
+    def own(n: str) -> bool:
+        return re.fullmatch(pattern, n) is not None
+    return all(_plain_file(c) and (own(c.name) or _temporary(c.name, own)) for c in entry.iterdir())
+
+
+def _temporary(name: str, final: Callable[[str], bool]) -> bool:
+    """Whether ``name`` is the temporary file of an atomic write of a file named as ``final`` says."""
+    m = re.fullmatch(_TEMPORARY, name)
+    return m is not None and final(m["name"]) and (not name.endswith(".png") or m["name"].endswith(".png"))
+
+
+def _plain_file(entry: Path) -> bool:
+    return entry.is_file() and not entry.is_symlink()
 
 
 def _check_contents(path: Path, *, overwrite: bool, resume: bool) -> None:
@@ -221,21 +234,30 @@ def _check_contents(path: Path, *, overwrite: bool, resume: bool) -> None:
     if foreign:
         raise OutputDirError(f"{_show(path)} holds files fedsim did not write ({_names(foreign)}); a run's folder "
                              f"holds its results only: choose another folder")
-    results = [e.name for e in entries if e.name != LOCK_NAME
-               and not any(fnmatch.fnmatchcase(e.name, t) for t in _TEMPORARY)]
+    results = [e.name for e in entries if e.name != LOCK_NAME and not _temporary(e.name, RESULT_FILES.__contains__)]
     if results and not overwrite:
         raise OutputDirError(f"{_show(path)} holds the results of another run ({_names(results)}); pass "
                              f"--overwrite to replace them, or choose another folder")
 
 
 def _clear(path: Path) -> None:
-    """Remove fedsim's own entries (``_check_contents`` has made sure there are no others)."""
+    """Remove fedsim's own entries, and nothing else: each is checked again as it is removed (a
+    file put in the folder after ``_check_contents`` stays, and so does its folder)."""
     for entry in path.iterdir():
         if entry.name == LOCK_NAME:
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
+        pattern = RESULT_DIRS.get(entry.name)
+        if pattern is not None and entry.is_dir() and not entry.is_symlink():
+            def own(n: str) -> bool:
+                return re.fullmatch(pattern, n) is not None
+            for child in entry.iterdir():
+                if _plain_file(child) and (own(child.name) or _temporary(child.name, own)):
+                    child.unlink()
+            try:
+                entry.rmdir()
+            except OSError:  # not empty: what is left is not fedsim's
+                pass
+        elif _own(entry):
             entry.unlink()
 
 

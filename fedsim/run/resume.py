@@ -76,13 +76,13 @@ def _resume(run_dir: Path, progress: bool) -> int:
 
         from ..console import print_table
         from ..engines import run_scenario
-        from .observers import AllClientsFailed
+        from .rounds import RunStopped
 
         try:
             summary = run_scenario(scenario, run_dir, progress=scenario.output.progress and progress, resume=True)
         except (ScenarioError, CheckpointError) as exc:
             return _fail(str(exc))
-        except AllClientsFailed as exc:
+        except RunStopped as exc:  # every client failed, or the model diverged
             print(f"fedsim: error: {exc}; rounds so far are in {run_dir / 'metrics.jsonl'}", file=sys.stderr)
             return 1
     print_table(summary, run_dir)

@@ -24,11 +24,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from strategies.compression import Codec, CodecContext
-from strategies.records import fast_reading
+from strategies.records import decode, fast_reading
 
 from .metered import MeteredGrid
 
@@ -76,6 +77,36 @@ class RoundRecord:
     @property
     def failures(self) -> list[NodeRound]:
         return [n for n in self.nodes if n.reply is None]
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on stops with this one-line reason (the CLI prints it and exits 1);
+    the rounds it reported are kept in metrics.jsonl."""
+
+
+class ModelDiverged(RunStopped):
+    """The global model became non-finite (NaN or inf) after a round's aggregation."""
+
+
+def nonfinite(record: RecordDict | ArrayRecord) -> str | None:
+    """The first array (by its record's and its own name) holding a NaN or inf, or None when every
+    float array is finite: one ``isfinite`` pass over each array's bytes, no copy."""
+    records = record.items() if isinstance(record, ArrayRecord) else None
+    if records is not None:
+        for name, array in records:
+            if not _finite(array):
+                return name
+        return None
+    for key, arrays in record.array_records.items():
+        for name, array in arrays.items():
+            if not _finite(array):
+                return f"{key}.{name}"
+    return None
+
+
+def _finite(array) -> bool:
+    values = decode(array)
+    return values.dtype.kind not in "fc" or bool(np.isfinite(values).all())
 
 
 class RoundObserver:
@@ -138,10 +169,20 @@ def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arra
         nodes = [_node_round(n, sent[n], by_node.get(n), timeout) for n in sorted(sent)]
         _decode_replies(nodes, codec, arrays, server_round)
         for node in nodes:  # the strategy aggregates what the codec decoded
-            if node.reply is not None:
+            if node.reply is None:
+                continue
+            bad = nonfinite(node.reply)
+            if bad is None:
                 by_node[node.node_id].content = node.reply
+            else:  # a failure with its reason, left out of the aggregate as a timed-out reply is
+                node.reply, node.error = None, (f"non-finite update: {bad} holds NaN or inf (the client's "
+                                                f"local training diverged; a smaller train.lr may help)")
+                del by_node[node.node_id]
         new_arrays, metrics = strategy.aggregate_train(server_round, [by_node[n] for n in sorted(by_node)])
         bytes_up, bytes_down = grid.take_round()
+        if new_arrays is not None and (bad := nonfinite(new_arrays)) is not None:
+            raise ModelDiverged(f"the global model diverged in round {server_round}: after aggregation {bad} holds "
+                                f"NaN or inf; stopping (a smaller train.lr or server step may help)")
         record = RoundRecord(server_round, arrays, nodes, new_arrays if new_arrays is not None else arrays,
                              dict(metrics or {}), bytes_up, bytes_down, started, {"round": server_round}, codec)
         arrays = record.arrays
