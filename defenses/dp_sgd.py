@@ -12,9 +12,16 @@ batch schedule and the seeding: Poisson sampling (every sample in a step's batch
 probability ``q = 1 / ceil(n / batch_size)``, ``ceil(n / batch_size)`` steps an epoch, as
 Opacus's ``DPDataLoader``) drawn from stream 8 of the client's round seed, and the noise from
 stream 9, so one scenario seed gives one run on every engine; an empty Poisson batch steps with
-noise alone (Opacus's expanded-weights mode refuses a 0-sample forward); ``DPOptimizer``'s
-clipping also counts what it clipped (the round's ``clip_fraction``). With the same batches
-and generator the update is Opacus's own loop's, bit for bit (tests/test_defenses.py).
+noise alone (Opacus's expanded-weights mode refuses a 0-sample forward: the step hands
+``DPOptimizer`` empty per-sample gradients, and Opacus's own empty-batch branch clips nothing).
+Clipping, summing, noise and scaling are Opacus's public ``DPOptimizer.pre_step`` (or, for ghost
+clipping, ``DPLossFastGradientClipping`` and ``DPOptimizerFastGradientClipping``), never a copy;
+fedsim subclasses ``DPOptimizer.clip_and_accumulate`` and the ghost module's
+``get_clipping_coef`` only to count what they clip (the round's ``clip_fraction``) before handing
+on to Opacus's own. With the same batches and generator the update is Opacus's own loop's, bit
+for bit (tests/test_defenses.py). Not ``PrivacyEngine.make_private``: it replaces the data loader
+(fedsim's seeded Poisson schedule would be lost) and picks the optimizer and module classes
+itself (the counting subclasses cannot go in); fedsim wires the same public parts as it does.
 
 Per client: the accountant's history ``(noise_multiplier, sample_rate, steps)`` lives in the
 node's ``Context.state`` (a ConfigRecord) and Opacus's accountant is rebuilt from it every
@@ -168,62 +175,88 @@ class PoissonSampler:
         return [torch.from_numpy(np.flatnonzero(row < 1.0 / k)) for row in u]
 
 
-class _CountingDPOptimizer:
-    """Opacus's ``DPOptimizer``, counting the per-sample gradients its clipping scaled down."""
+class _ClipCount:
+    """How many per-sample gradients Opacus's clipping scaled down (clipping factor below 1), of how
+    many: the round's ``dp-clip-fraction``."""
 
-    @staticmethod
-    def build(optimizer, **kwargs):
-        from opacus.optimizers import DPOptimizer
-        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+    def __init__(self) -> None:
+        self.clipped = self.seen = 0
 
-        class Counting(DPOptimizer):
-            clipped = seen = 0
+    def add(self, factor: torch.Tensor) -> None:
+        self.clipped += int((factor < 1.0).sum())
+        self.seen += len(factor)
 
-            def clip_and_accumulate(self):
-                """``DPOptimizer.clip_and_accumulate`` (Opacus 1.6), line for line, plus the count: the
-                per-sample norms are its own, not computed twice (they cost ~10% of a small model's step)."""
-                if len(self.grad_samples[0]) == 0:
-                    per_sample_clip_factor = torch.zeros((0,), device=self.grad_samples[0].device)
-                else:
-                    per_param_norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
-                    per_sample_norms = torch.stack(per_param_norms, dim=1).norm(2, dim=1)
-                    per_sample_clip_factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
-                    self.clipped += int((per_sample_clip_factor < 1.0).sum())
-                    self.seen += len(per_sample_norms)
-                for p in self.params:
-                    _check_processed_flag(p.grad_sample)
-                    grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-                    grad = torch.einsum("i,i...", per_sample_clip_factor.to(p.dtype), grad_sample)
-                    if p.summed_grad is not None:
-                        p.summed_grad += grad
-                    else:
-                        p.summed_grad = grad
-                    _mark_as_processed(p.grad_sample)
-
-        return Counting(optimizer, **kwargs)
+    @property
+    def fraction(self) -> float:
+        return self.clipped / self.seen if self.seen else 0.0
 
 
-def _ghost_clipping(model: nn.Module, sgd: torch.optim.Optimizer, max_grad_norm: float, dp_settings: dict):
+@functools.cache
+def _counting_classes() -> tuple[type, type]:
+    """Opacus's ``DPOptimizer`` and ghost-clipping ``GradSampleModuleFastGradientClipping``, each
+    subclassed only to count what its clipping scales down. Built on first use: importing Opacus
+    takes seconds, and the server and scenario validation never need it."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer
+
+    class CountingDPOptimizer(DPOptimizer):
+        """``DPOptimizer``, also counting the per-sample gradients its clipping scales down.
+
+        Why a subclass: ``DPOptimizer.clip_and_accumulate`` keeps the per-sample clipping factors in
+        a local variable; no public attribute, return value or hook gives them, and fedsim reports
+        the fraction clipped. So this override of that public method takes the per-sample norms of
+        the public ``grad_samples`` and counts the samples whose factor ``max_grad_norm / (norm +
+        1e-6)`` is below 1 (Opacus's rule), then calls Opacus's own ``clip_and_accumulate``
+        unchanged: the clipping and summing that make the update are Opacus's, never a copy
+        (tests/test_defenses.py checks that it runs, every step, and that the count is the samples
+        whose norm exceeds ``max_grad_norm``). The count is a metric only; its price is the
+        per-sample norms taken a second time."""
+
+        count: _ClipCount
+
+        def clip_and_accumulate(self) -> None:
+            samples = self.grad_samples
+            if len(samples[0]):  # an empty Poisson batch clips nothing (Opacus's own empty-batch branch)
+                norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+                self.count.add(self.max_grad_norm / (norms + 1e-6))
+            super().clip_and_accumulate()
+
+    class CountingGhostModule(GradSampleModuleFastGradientClipping):
+        """Opacus's ghost-clipping module, counting the clipping factors it hands out.
+
+        Why a subclass: ``DPLossFastGradientClipping.backward`` takes the factors from the public
+        ``get_clipping_coef`` (once per backward) and keeps them; this override passes Opacus's
+        factors through unchanged and counts those below 1."""
+
+        count: _ClipCount
+
+        def get_clipping_coef(self) -> torch.Tensor:
+            coef = super().get_clipping_coef()
+            self.count.add(coef)
+            return coef
+
+    return CountingDPOptimizer, CountingGhostModule
+
+
+def _counting_dp_optimizer(sgd: torch.optim.Optimizer, count: _ClipCount, dp_settings: dict):
+    """Opacus's ``DPOptimizer`` on ``sgd`` (``dp_settings``: its keyword arguments), counting into ``count``."""
+    optimizer = _counting_classes()[0](sgd, **dp_settings)
+    optimizer.count = count
+    return optimizer
+
+
+def _ghost_clipping(model: nn.Module, sgd: torch.optim.Optimizer, max_grad_norm: float, dp_settings: dict,
+                    count: _ClipCount):
     """Opacus's fast gradient clipping, as ``PrivacyEngine.make_private(grad_sample_mode="ghost")`` sets it
     up: (the wrapped model, the optimizer, the batch loss whose ``backward()`` runs both passes).
-    The optimizer counts the samples whose clipping factor was below 1, as ``_CountingDPOptimizer`` does."""
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    The module counts the samples whose clipping factor was below 1 into ``count``."""
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                               max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+    gsm = _counting_classes()[1](model, batch_first=True, loss_reduction="mean",
+                                 max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+    gsm.count = count
     optimizer = DPOptimizerFastGradientClipping(sgd, **dp_settings)
-    optimizer.clipped = optimizer.seen = 0
-    get_clipping_coef = gsm.get_clipping_coef
-
-    def counted_clipping_coef() -> torch.Tensor:
-        coef = get_clipping_coef()
-        optimizer.clipped += int((coef < 1.0).sum())
-        optimizer.seen += len(coef)
-        return coef
-
-    gsm.get_clipping_coef = counted_clipping_coef
     criterion = DPLossFastGradientClipping(gsm, optimizer, nn.CrossEntropyLoss(), loss_reduction="mean")
     return gsm, optimizer, lambda x, y: criterion(gsm(x), y)
 
@@ -313,11 +346,12 @@ class PrivateTraining:
         dp_settings = dict(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                            expected_batch_size=max(1, int(n * q)),  # as PrivacyEngine.make_private sets it
                            loss_reduction="mean", generator=noise_gen)
+        clip_count = _ClipCount()
         if p.grad_sample_mode == "ghost":
-            gsm, optimizer, batch_loss = _ghost_clipping(model, sgd, p.max_grad_norm, dp_settings)
+            gsm, optimizer, batch_loss = _ghost_clipping(model, sgd, p.max_grad_norm, dp_settings, clip_count)
         else:
             gsm = wrap_model(model, p.grad_sample_mode, batch_first=True, loss_reduction="mean")
-            optimizer = _CountingDPOptimizer.build(sgd, **dp_settings)
+            optimizer = _counting_dp_optimizer(sgd, clip_count, dp_settings)
 
             def batch_loss(x, y):
                 return nn.functional.cross_entropy(gsm(x), y)
@@ -349,14 +383,14 @@ class PrivateTraining:
                 trainer.steps += 1
         finally:
             optimizer.zero_grad(set_to_none=True)
-            gsm._close()  # the model object is reused by later (maybe non-private) calls in this process
+            gsm.cleanup()  # the model object is reused by later (maybe non-private) calls in this process
             for prm in trainer.params:
                 for attr in ("summed_grad", "grad_sample", "_norm_sample", "_forward_counter"):
                     if hasattr(prm, attr):
                         delattr(prm, attr)
         save_accountant(self.state, accountant)
         self.metrics = {"dp-epsilon": epsilon_of(accountant, p.delta), "dp-noise-multiplier": sigma,
-                        "dp-clip-fraction": optimizer.clipped / optimizer.seen if optimizer.seen else 0.0}
+                        "dp-clip-fraction": clip_count.fraction}
         return trainer.metrics()
 
 
@@ -364,9 +398,11 @@ def private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: d
                      train_batch_size: int, local_epochs: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The audit's gradient query under DP-SGD: one step's privatised gradient on (x, y): per-sample
     gradients (Opacus's GradSampleModule) clipped to ``max_grad_norm``, summed, Gaussian noise of std
-    ``sigma * max_grad_norm`` added, divided by the batch. ``sigma`` is the one this client trains with
-    (from its training batch size and epochs when it is derived from ``target_epsilon``)."""
+    ``sigma * max_grad_norm`` added (all three by Opacus's ``DPOptimizer.pre_step``, noise drawn from
+    ``generator``), divided by the batch. ``sigma`` is the one this client trains with (from its
+    training batch size and epochs when it is derived from ``target_epsilon``)."""
     from opacus.grad_sample.utils import wrap_model
+    from opacus.optimizers import DPOptimizer
 
     p = DpSgdParams.model_validate({k: v for k, v in step.items() if k != "rounds"})
     k = steps_per_epoch(num_examples, train_batch_size)
@@ -376,19 +412,20 @@ def private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: d
     # gives the same clipped sum.
     mode = "hooks" if p.grad_sample_mode == "ghost" else p.grad_sample_mode
     gsm = wrap_model(model, mode, batch_first=True, loss_reduction="sum")
+    # Sum reduction: pre_step clips, sums and noises, and its scale_grad leaves the sum as it is; the
+    # wrapped SGD never steps (it only hands DPOptimizer the parameters).
     try:
-        for prm in params:
-            prm.grad = None
+        optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+                                expected_batch_size=None, loss_reduction="sum", generator=generator)
+        optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
-        samples = [prm.grad_sample for prm in params]
-        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], 1).norm(2, dim=1)
-        factor = (p.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # DPOptimizer's clipping factor
-        out = [(torch.einsum("i,i...", factor, g) + torch.normal(0.0, sigma * p.max_grad_norm, g.shape[1:],
-                                                                  generator=generator)) / len(y) for g in samples]
+        optimizer.pre_step()
+        out = [prm.grad / len(y) for prm in params]
     finally:
-        gsm._close()
+        gsm.cleanup()  # hooks and Opacus's per-parameter attributes off the model
         for prm in params:
             prm.grad = None
-            if hasattr(prm, "grad_sample"):
-                delattr(prm, "grad_sample")
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(prm, attr):
+                    delattr(prm, attr)
     return {name: g.detach() for (name, _), g in zip(model.named_parameters(), out)}

@@ -132,6 +132,64 @@ def test_dp_sgd_round_is_opacus_dp_optimizer_bit_for_bit(mode):
     assert not all(torch.equal(sent[k_], up[k_]) for k_ in up)
 
 
+@pytest.mark.parametrize("mode", ["ew", "hooks", "ghost"])
+def test_dp_sgd_clips_with_opacus_own_methods_and_counts_what_they_clip(monkeypatch, mode):
+    """fedsim keeps no copy of Opacus's clipping: every training step runs Opacus's own
+    DPOptimizer.clip_and_accumulate (ghost: the module's get_clipping_coef), and so does the audit's
+    gradient query, seen through spies on the Opacus classes themselves, which a copy would bypass.
+    The reported clip fraction is the share of per-sample gradients whose norm exceeds
+    max_grad_norm, and the audit's answer is Opacus's DPOptimizer's, bit for bit."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.grad_sample.utils import wrap_model
+    from opacus.optimizers import DPOptimizer
+
+    from defenses.dp_sgd import private_gradient
+
+    calls, over, seen = {"clip": 0, "coef": 0}, [0], [0]
+
+    def count(norms, bound):
+        over[0] += int((norms > bound).sum())
+        seen[0] += len(norms)
+
+    clip_and_accumulate = DPOptimizer.clip_and_accumulate
+    get_clipping_coef = GradSampleModuleFastGradientClipping.get_clipping_coef
+
+    def spy_clip(self):
+        calls["clip"] += 1
+        if len(self.grad_samples[0]):
+            count(torch.cat([g.reshape(len(g), -1) for g in self.grad_samples], 1).norm(dim=1), self.max_grad_norm)
+        clip_and_accumulate(self)
+
+    def spy_coef(self):
+        calls["coef"] += 1
+        coef = get_clipping_coef(self)
+        count(self.per_sample_gradient_norms, self.max_grad_norm)
+        return coef
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy_clip)
+    monkeypatch.setattr(GradSampleModuleFastGradientClipping, "get_clipping_coef", spy_coef)
+    block = {"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 2.0, "grad_sample_mode": mode}
+    _, _, metrics = _train_once(block)
+    assert calls["coef" if mode == "ghost" else "clip"] == metrics["local_steps"] > 0
+    assert 0 < metrics["dp-clip-fraction"] < 1
+    assert metrics["dp-clip-fraction"] == over[0] / seen[0]
+
+    world = world_from_text(parse_scenario(small_raw()).to_yaml())
+    model = world.new_model()
+    x, y = (t[:8] for t in world.client_tensors(0)[:2])
+    calls["clip"] = 0
+    answer = private_gradient(model, x, y, {**block, "rounds": 2}, 100, 32, 1, torch.Generator().manual_seed(5))
+    assert calls["clip"] == 1  # ghost mode too: the query takes per-sample gradients by hooks
+    gsm = wrap_model(model, "hooks" if mode == "ghost" else mode, batch_first=True, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.0, max_grad_norm=2.0,
+                      expected_batch_size=None, loss_reduction="sum", generator=torch.Generator().manual_seed(5))
+    torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    opt.step()  # clip, sum, noise; then an SGD step of lr 0: the weights stay
+    expected = {name: prm.grad / len(y) for name, prm in model.named_parameters()}
+    gsm.cleanup()
+    assert all(torch.equal(answer[k], expected[k]) for k in expected)
+
+
 def test_prune_zeroes_exactly_the_stated_fraction_of_each_layer():
     g = torch.Generator().manual_seed(0)
     update = {"w": torch.randn(37, 11, generator=g), "b": torch.tensor([0.5, -0.5, 0.5, 0.1, 0.0, -0.5, 2.0])}
