@@ -33,13 +33,34 @@ Partial participation (the reference has every client every round):
 ``consensus: uniform`` reproduces the reference's server, whose consensus direction
 always uses 1/N (it never stores the new coefficients); ``current`` (default) is the paper.
 
-``fidelity``: ``paper`` (default) is the rule above. ``reference`` reproduces NVFlare's
-code: the consensus coefficient is 1/N for good (``consensus`` uniform; the reference fixes
-it in round 0 to 1/(round-0 sites), which is 1/N with every client in every round), and a
-client records a minus-model score of 0 whenever it has none to compute (NVFlare's round 0:
-no last model yet) and keeps that 0 in its mean, so every client reports s_d = 1 - 0 = 1 in
-its first round and 1 - mean(0, v_2, ...) after. Every participant has an s_d, so the plus
-and times rules are the reference's. (The reference takes cosines over trainable parameters
+``fidelity``: ``paper`` (default) is the rule above. Two modes reproduce NVFlare's code, named
+by the version they follow (NVFlare rewrote FedCE in PR #4922, 2026-07-29):
+
+- ``nvflare-2024`` (``reference`` is an accepted alias, the name it had before) follows
+  ``research/fed-ce`` as it was before that PR, read at NVFlare commit
+  23a97c305915d971d26720e95a663f452ace341f (the parent of #4922; ``FedCEAssembler.assemble``
+  in ``jobs/fedce_prostate/app/custom/aggregators/fedce_assembler.py``, unchanged since
+  90f8781b, 2023-05-01; ``SupervisedMonaiProstateFedCELearner.train``): the consensus
+  coefficient is 1/N for good (``consensus`` uniform; the reference fixes it in round 0 to
+  1/(round-0 sites), which is 1/N with every client in every round, and never stores the new
+  ones); s_g, s_d and the combination are normalised, then clipped at 1e-3 (``CLIP``); the
+  update is sum_i a_i delta_i (not divided by sum a_i, which the clip can push above 1).
+- ``nvflare-main`` follows today's ``nvflare/app_opt/pt/fedce.py`` (``FedCEModelAggregator``,
+  ``PTFedCEHelper``) with its research client ``research/fed-ce/jobs/fedce_prostate/client.py``,
+  read at NVFlare commit f3b7c1bffdfed90338d695a67b52a46d8bc4d28c (2026-08-21; the file last
+  changed in 692bf07d, #5014, 2026-08-03). Three rules differ from ``nvflare-2024``: the
+  consensus coefficients are the stored weights a_i of each client's last aggregation (1/|S|
+  in the first round; a client not yet aggregated gets 1/(K+1), K the clients with a stored
+  weight; absent clients keep theirs; not renormalised); s_g = max(0, 1 - mean cos) and every
+  normalisation clips at 1e-6 (``EPSILON_MAIN``) *first* and then divides by the sum; the
+  update is sum_i a_i delta_i / sum_i a_i. (``consensus`` must be left at ``current``.)
+
+In both, a client records a minus-model score of 0 whenever it has none to compute (NVFlare's
+round 0: no last model yet; NVFlare's main client raises instead for a client that joins after
+round 0) and keeps that 0 in its mean, so every client reports s_d = 1 - 0 = 1 in its first
+round and 1 - mean(0, v_2, ...) after; the minus model uses the weight a_i of the client's last
+aggregation, which both versions send back with the global model. Every participant has an s_d,
+so the plus and times rules are the reference's. (NVFlare takes cosines over trainable parameters
 only; fedsim's models hold no floating buffers, so all floating arrays are the same set.)
 
 Reported in metrics.jsonl every round: ``contribution`` (c of every client, by partition id;
@@ -69,7 +90,9 @@ from .upload import Upload
 LAST_MODEL_KEY = "fedce.last_model"
 HISTORY_KEY = "fedce.history"
 MESSAGE_KEY = "fedce"
-CLIP = 1e-3
+CLIP = 1e-3            # nvflare-2024 (and paper): normalise, then clip
+EPSILON_MAIN = 1e-6    # nvflare-main: clip, then normalise
+NVFLARE_2024 = ("nvflare-2024", "reference")  # "reference": the name nvflare-2024 had before
 
 
 class FedCEParams(BaseModel):
@@ -77,16 +100,27 @@ class FedCEParams(BaseModel):
     mode: Literal["plus", "times"] = Field("plus", description="combination of the two scores")
     consensus: Literal["current", "uniform"] = Field(
         "current", description="c in the consensus direction: current weights (paper) or 1/N (reference code)")
-    fidelity: Literal["paper", "reference"] = Field(
-        "paper", description="paper; reference: NVFlare's code (consensus 1/N, s_d with a 0 for the first round)")
+    fidelity: Literal["paper", "nvflare-2024", "nvflare-main", "reference"] = Field(
+        "paper", description="paper; nvflare-2024 (alias reference): NVFlare's research/fed-ce before PR #4922 "
+                             "(consensus 1/N, normalise then clip 1e-3); nvflare-main: today's "
+                             "nvflare/app_opt/pt/fedce.py (stored weights, clip 1e-6 then normalise, "
+                             "divide by the total weight); both: s_d with a 0 for the first round")
 
     @model_validator(mode="after")
     def _reference_consensus(self) -> "FedCEParams":
-        if self.fidelity == "reference":
+        if self.fidelity in NVFLARE_2024:
             if "consensus" in self.model_fields_set and self.consensus != "uniform":
-                raise ValueError("fidelity 'reference' uses the reference's consensus (consensus 'uniform')")
+                raise ValueError(f"fidelity {self.fidelity!r} uses the reference's consensus (consensus 'uniform')")
             self.consensus = "uniform"
+        elif self.fidelity == "nvflare-main" and self.consensus != "current":
+            raise ValueError("fidelity 'nvflare-main' uses its stored weights as consensus (consensus 'current')")
         return self
+
+    @property
+    def nvflare(self) -> str | None:
+        """The NVFlare version this mode follows (None for the paper mode)."""
+        return "nvflare-2024" if self.fidelity in NVFLARE_2024 else (
+            "nvflare-main" if self.fidelity == "nvflare-main" else None)
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -104,24 +138,33 @@ def gradient_cosines(deltas: list[np.ndarray], c: list[float]) -> list[float]:
 
 
 def normalise_clip(x: np.ndarray) -> np.ndarray:
+    """Divide by the sum, then clip at ``CLIP`` (paper, nvflare-2024)."""
     total = float(np.sum(x))
     x = x / total if total > 0 else np.full(len(x), 1.0 / len(x))
     return np.clip(x, CLIP, None)
 
 
-def combine(s_g: np.ndarray, s_d: np.ndarray | None, mode: str) -> np.ndarray:
-    """Aggregation weights from the two score vectors (s_d entries NaN where missing)."""
-    g = normalise_clip(np.asarray(s_g, dtype=np.float64))
+def clip_normalise(x: np.ndarray) -> np.ndarray:
+    """Clip at ``EPSILON_MAIN``, then divide by the sum (nvflare-main's ``_normalize``)."""
+    x = np.maximum(np.asarray(x, dtype=np.float64), EPSILON_MAIN)
+    total = float(np.sum(x))
+    return x / total if total > 0 else np.full(len(x), 1.0 / len(x))
+
+
+def combine(s_g: np.ndarray, s_d: np.ndarray | None, mode: str, norm=normalise_clip) -> np.ndarray:
+    """Aggregation weights from the two score vectors (s_d entries NaN where missing);
+    ``norm``: ``normalise_clip`` (paper, nvflare-2024) or ``clip_normalise`` (nvflare-main)."""
+    g = norm(np.asarray(s_g, dtype=np.float64))
     if s_d is None or np.all(np.isnan(s_d)):
-        return normalise_clip(g)
+        return norm(g)
     d = np.asarray(s_d, dtype=np.float64)
     if mode == "plus":
-        d = normalise_clip(np.nan_to_num(d, nan=0.0))
+        d = norm(np.nan_to_num(d, nan=0.0))
         out = g + d
     else:
         d = np.where(np.isnan(d), np.nanmean(d), d)
-        out = g * normalise_clip(d)
-    return normalise_clip(out)
+        out = g * norm(d)
+    return norm(out)
 
 
 def minus_model(global_sd: dict[str, torch.Tensor], last_sd: dict[str, torch.Tensor],
@@ -174,13 +217,21 @@ class FedCEStrategy(DeltaStrategy):
         x = flat(global_arrays, keys)
         deltas = [flat(r.arrays, keys) - x for r in replies]
         nodes = [r.node_id for r in replies]
-        c = [self.default_c if self.params.consensus == "uniform" else self.coef(n) for n in nodes]
+        main = self.params.nvflare == "nvflare-main"
+        if main:  # the stored weights of each client's last aggregation (see the docstring)
+            unseen = 1.0 / (len(self.last_weight) + 1) if self.last_weight else 1.0 / len(nodes)
+            c = [self.last_weight.get(n, unseen) for n in nodes]
+        else:
+            c = [self.default_c if self.params.consensus == "uniform" else self.coef(n) for n in nodes]
         for n, cos in zip(nodes, gradient_cosines(deltas, c)):
             self.cos_history.setdefault(n, []).append(cos)
         s_g = np.array([1.0 - float(np.mean(self.cos_history[n])) for n in nodes])
+        if main:
+            s_g = np.maximum(s_g, 0.0)
         s_d = np.array([r.metrics["fedce_sd"] if r.metrics.get("fedce_has_sd", 0.0) > 0 else math.nan
                         for r in replies])
-        a = combine(s_g, s_d, self.params.mode)
+        a = combine(s_g, s_d, self.params.mode, clip_normalise if main else normalise_clip)
+        scale = 1.0 / float(np.sum(a)) if main else 1.0  # main divides by the total weight
 
         share = sum(self.coef(n) for n in nodes)
         for n, ai in zip(nodes, a):
@@ -195,7 +246,7 @@ class FedCEStrategy(DeltaStrategy):
         for k, v in global_arrays.items():
             if k in keys:
                 upd = sum(float(ai) * (r.arrays[k].astype(np.float64) - v) for ai, r in zip(a, replies))
-                new[k] = (v + upd).astype(v.dtype)
+                new[k] = (v + scale * upd).astype(v.dtype)
             else:
                 new[k] = v
         accs = [r.metrics["val_acc_global"] for r in replies if not math.isnan(r.metrics.get("val_acc_global", math.nan))]
@@ -239,7 +290,7 @@ class FedCEClient(ClientAlgorithm):
             v_sum += accuracy(model, data.x_val, data.y_val)
             v_count += 1
             model.load_state_dict(global_sd)
-        elif self.params.fidelity == "reference":  # NVFlare records 0 when it has no minus model
+        elif self.params.nvflare:  # NVFlare records 0 when it has no minus model
             v_count += 1
         state[HISTORY_KEY] = ConfigRecord({"v_sum": v_sum, "v_count": v_count})
 

@@ -43,10 +43,15 @@ settings of its published run scripts: std mode ``update``, estimate mode ``sele
   (B // C + 1 of each, labels cyclic), then updates the estimate with the step's real
   features;
 - moving-average weight w = min(1, F / N_pc) with N_pc = 5000 (``ema_count`` overrides)
-  and F the size of the feature's first dimension: the official code takes the size of
-  the class's *mean* feature, not its sample count. This is a defect of the official
-  code (w does not depend on how many samples of the class the batch holds), kept here
-  because this mode reproduces that code; the paper mode uses the count;
+  and F the number of elements of one feature (``prod(feat_shape)``: C*H*W on a
+  convolutional split, the width on an MLP): the official code takes ``size(0)`` of the
+  class's *mean* feature, not its sample count, and its models flatten the features
+  first (``real_feat.view(B, -1)``), so that size is C*H*W (on ResNet-18 at layer2,
+  128*16*16 / 5000 > 1: w = 1). This is a defect of the official code (w does not depend
+  on how many samples of the class the batch holds), kept here because this mode
+  reproduces that code. (Up to issue 22 fedsim took the channel count C here, which is
+  exact on an MLP only and made the estimator 4-50x too slow on conv splits.) The paper
+  mode is unaffected: its w is the sample count n_c / N_pc, whatever the feature's shape;
 - loss = CE(real) + ramp * CE(fake), ramp = (round - 1) / ``ramp_rounds`` (500), uncapped
   (the official progress is its 0-based epoch counter, one per round with its default of
   one local epoch per round; with E local epochs it would count E per round, which this
@@ -59,6 +64,7 @@ settings of its published run scripts: std mode ``update``, estimate mode ``sele
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Literal
 
@@ -305,7 +311,8 @@ class FedImproClient(ClientAlgorithm):
         else:  # the initial estimator, the same on every client
             init = torch.Generator().manual_seed(int(config.get("seed", 0)))
             mu, sigma = torch.rand(shape, generator=init), torch.full(shape, p.feature_std)
-        weight = min(1.0, feat_shape[0] / float(p.ema_count or REFERENCE_EMA_COUNT))  # sic: see the docstring
+        # sic (see the docstring): the size of the official, flattened mean feature, C*H*W
+        weight = min(1.0, math.prod(feat_shape) / float(p.ema_count or REFERENCE_EMA_COUNT))
 
         trainer = job.trainer()
         fake_gen = torch.Generator().manual_seed(settings.seed + 1)
