@@ -12,7 +12,7 @@ Google's dp-accounting underneath) at ``delta``, without amplification by sampli
 Adaptive Clipping", NeurIPS 2021, by Flower's ``DifferentialPrivacyClientSideAdaptiveClipping``
 (clients clip with Flower's ``adaptiveclipping_mod`` and report whether they were clipped) or
 ``DifferentialPrivacyServerSideAdaptiveClipping``. ``clipping_norm`` is the initial norm; each
-round it moves geometrically (rate ``clip_norm_lr``) towards the ``target_clipped_quantile`` of
+round it moves geometrically (rate ``clip_norm_lr``) towards the ``target_unclipped_quantile`` of
 update norms (the paper's gamma: the fraction of updates left unclipped; see ``_PaperUpdate`` for the
 direction Flower 1.41 gets wrong), estimated from a noisy count (std ``clipped_count_stddev``, default m/20). Flower
 splits ``noise_multiplier`` between the count and the update so that the pair is as private as
@@ -105,10 +105,22 @@ class DpUserParams(BaseModel):
     clipping_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update (adaptive: initial)")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
     adaptive: bool = Field(False, description="adaptive clipping (Andrew et al. 2021)")
-    target_clipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: quantile of update norms "
-                                           "the norm tracks (fraction of updates left unclipped)")
+    target_unclipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: the quantile of update "
+                                             "norms the norm tracks: the fraction of updates left unclipped "
+                                             "(the paper's gamma)")
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive: geometric learning rate of the norm")
     clipped_count_stddev: float | None = Field(None, ge=0, description="adaptive: count noise std (default m/20)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        """Flower calls its setting ``target_clipped_quantile`` and documents it as the quantile "which should
+        be clipped", while the rule (Andrew et al.'s gamma) tracks the fraction left unclipped: at 0.8 a Flower
+        user would get the opposite of what they meant. fedsim's name says what it does."""
+        if isinstance(data, dict) and "target_clipped_quantile" in data:
+            raise ValueError("target_clipped_quantile is now target_unclipped_quantile: the fraction of updates "
+                             "left unclipped (Andrew et al.'s gamma; Flower's name reads as its complement)")
+        return data
 
     @model_validator(mode="after")
     def _adaptive_only(self) -> "DpUserParams":
@@ -210,7 +222,7 @@ class FlowerUserDP(Defense):
         if p.adaptive:
             cls = ClientSideAdaptiveClipping if p.clipping == "client" else ServerSideAdaptiveClipping
             self.wrapper = cls(strategy, p.noise_multiplier, self.sampled, initial_clipping_norm=p.clipping_norm,
-                               target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
+                               target_clipped_quantile=p.target_unclipped_quantile, clip_norm_lr=p.clip_norm_lr,
                                clipped_count_stddev=p.clipped_count_stddev)
         else:
             cls = ClientSideFixedClipping if p.clipping == "client" else ServerSideFixedClipping

@@ -72,6 +72,10 @@ class FedSpeedParams(BaseModel):
             if "server_correction" in self.model_fields_set and self.server_correction != "all":
                 raise ValueError("fidelity 'reference' uses the official server (server_correction 'all')")
             self.server_correction = "all"
+            if self.alpha != 1.0:  # fedsim's alpha mixes the first gradient into the step; ESAM's scales the
+                # second loss: the reference client never mixes, so no alpha but 1 is the reference rule
+                raise ValueError(f"fidelity 'reference' follows the official client, which takes the perturbed "
+                                 f"gradient alone (alpha 1); got alpha {self.alpha}")
         return self
 
 

@@ -381,6 +381,7 @@ BAD = [
     ("noise", "defense.name"),
     ([{"name": "dp_sgd", "noise_multiplier": 1.0}, {"name": "dp_user"}], "use one of them"),
     ({"name": "dp_user", "adaptive": True, "noise_multiplier": 1.0}, "defense.noise_multiplier"),
+    ({"name": "dp_user", "adaptive": True, "target_clipped_quantile": 0.8}, "is now target_unclipped_quantile"),
 ]
 
 

@@ -122,3 +122,13 @@ def test_reference_refuses_the_paper_server():
     # what the server writes, the client reads back unchanged
     p = FedSpeedParams(fidelity="reference")
     assert FedSpeedParams.model_validate_json(p.model_dump_json()) == p
+
+
+def test_reference_mode_refuses_an_alpha_the_official_client_never_uses():
+    """fedsim's alpha mixes the first gradient into the step; the official client takes the perturbed one alone."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="alpha 1"):
+        FedSpeedParams(fidelity="reference", alpha=0.5)
+    assert FedSpeedParams(fidelity="reference", alpha=1.0).alpha == 1.0
+    assert FedSpeedParams(alpha=0.5).alpha == 0.5  # the paper mode keeps it
