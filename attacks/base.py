@@ -104,6 +104,36 @@ def register(name: str):
     return deco
 
 
+def check_config(name: str, config: dict) -> None:
+    """ValueError (one line, naming the key) when a setting in ``config`` is not of the type the
+    attack's constructor declares (a string where a number goes would otherwise fail mid-attack,
+    as a comparison between str and float). Numbers are strict: a bool is no int, text no number."""
+    import inspect
+    import typing
+
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    cls = ATTACKS[name]
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: the constructor checks alone
+        return
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in config.items():
+        hint = hints.get(key)
+        if key not in params or hint is None:
+            continue
+        try:
+            adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check (a callback): left to the constructor
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError:
+            want = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise ValueError(f"{key}: expected {want}, got {type(value).__name__} {str(value)[:40]!r}") from None
+
+
 def build_attack(name: str, **config) -> Attack:
     """Instantiate the attack registered as ``name`` with keyword hyper-parameters."""
     if name not in ATTACKS:

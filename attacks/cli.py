@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ATTACKS, build_attack
+from .base import ATTACKS, build_attack, check_config
 from .metrics import evaluate
 from .pictures import save_grid
 
@@ -49,6 +49,24 @@ def _nonneg_int(text):
     v = int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _image_size(text):
+    from fedsim.scenario.schema import IMAGE_SIZE_MIN  # the scenario's own bound (data.image_size)
+
+    v = int(text)
+    if v < IMAGE_SIZE_MIN:
+        raise argparse.ArgumentTypeError(f"must be >= {IMAGE_SIZE_MIN} (as data.image_size), got {v}")
+    return v
+
+
+def _seed(text):
+    from fedsim.scenario.schema import SEED_MAX  # what the random generators take
+
+    v = _nonneg_int(text)
+    if v > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= {SEED_MAX} (2**63 - 1), got {v}")
     return v
 
 
@@ -80,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--seed", type=_nonneg_int)
+    p.add_argument("--seed", type=_seed)
     p.add_argument("--threat", choices=("gradient", "update"))
     p.add_argument("--local-steps", type=_positive_int)
     p.add_argument("--local-lr", type=_positive_float, help="client SGD lr for --threat update")
     p.add_argument("--local-batch-size", type=_positive_int)
     p.add_argument("--dropout", type=_dropout)
-    p.add_argument("--image-size", type=_positive_int, help="resize the data set (e.g. digits to 32)")
+    p.add_argument("--image-size", type=_image_size, help="resize the data set (e.g. digits to 32)")
     p.add_argument("--init", choices=("default", "uniform"))
     p.add_argument("--labels-known", action="store_true", default=None)
     p.add_argument("--true-masks", action="store_true", default=None,
@@ -160,6 +178,7 @@ def resolve(argv: list[str] | None) -> dict:
         s = settings
         settings["out"] = f"runs/attacks/{s['attack']}-{s['model']}-{s['dataset']}-b{s['batch_size']}-s{s['seed']}"
     try:  # the attack's own settings, before any work (the dropout masks it may get come with the case)
+        check_config(settings["attack"], attack_config(settings, None))  # types: a str where a number goes
         ATTACKS[settings["attack"]](**attack_config(settings, None))
     except (TypeError, ValueError) as exc:
         raise UsageError(f"attack_config: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")

@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             from .engines import run_scenario
             from .run.rounds import RunStopped
 
-            out_dir = Path(args.out or scenario.output.dir or Path("runs") / scenario.name)
+            if args.out is not None and (not args.out.strip() or "\0" in args.out):  # "" was ignored silently
+                print(f"fedsim: error: --out: must be a folder path, got {args.out!r}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            out_dir = Path(args.out if args.out is not None else scenario.output.dir or Path("runs") / scenario.name)
             try:
                 held.enter_context(claim_output_dir(out_dir, overwrite=args.overwrite))
             except OutputDirError as exc:

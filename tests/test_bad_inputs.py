@@ -320,3 +320,250 @@ def test_the_memory_check_counts_parameters_as_the_built_model_has_them(name):
 
     built = build_model(name, 3, 16, 7, hidden=(33, 5))
     assert model_parameters(name, 3, 16, 7, (33, 5)) == sum(p.numel() for p in built.parameters())
+
+
+# ----------------------------------------------------------------------------- issue 21 items 5, 6, 9
+
+
+@pytest.fixture(scope="module")
+def _a_cut_run(tmp_path_factory):
+    """A run of 3 rounds stopped by Ctrl-C after round 2 (its checkpoint kept), and the same run complete."""
+    from fedsim.engines import run_scenario
+    from fedsim.run import apps
+    from fedsim.run.observers import ProgressObserver
+    from fedsim.scenario import parse_scenario
+
+    base = tmp_path_factory.mktemp("runs")
+
+    class CtrlC(ProgressObserver):
+        def on_round(self, record):
+            super().on_round(record)
+            if record.server_round == 2:
+                raise KeyboardInterrupt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(apps, "ProgressObserver", CtrlC)
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(parse_scenario(small_raw(train__rounds=3)), base / "cut", progress=False)
+    mp.undo()
+    run_scenario(parse_scenario(small_raw(train__rounds=2)), base / "done", progress=False)
+    (base / "done" / "audit.jsonl").write_text('{"round": 1, "client": 0, "attack": "dlg", "threat": "gradient", '
+                                               '"psnr": 12.5, "ssim": 0.1}\n')
+    return base
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+RUN_FILES = [
+    ("scenario.yaml", b"name: caf\xe9\n", "scenario.yaml: not UTF-8 text"),
+    ("scenario.yaml", b"name: [\n", "scenario.yaml: not valid YAML"),
+    ("scenario.yaml", b"- 1\n", "scenario.yaml: top level must be a mapping"),
+    ("scenario.yaml", b"train: {rounds: 0}\n", "scenario.yaml: train.rounds"),
+    ("metrics.jsonl", b'{"round": 1}\nxx\n', "metrics.jsonl: line 2 is not JSON"),
+    ("metrics.jsonl", b"[1]\n", "metrics.jsonl: line 1 is a JSON list"),
+    ("metrics.jsonl", b"\xff\n", "metrics.jsonl: not UTF-8 text"),
+    ("metrics.jsonl", b'{"round": "1"}\n', "metrics.jsonl: row 1 has round '1'"),
+    ("summary.json", b'{"accuracy": ', "summary.json: not JSON"),
+    ("summary.json", b"[1, 2]", "summary.json: expected a JSON object, found a list"),
+]
+
+
+@pytest.mark.parametrize("name,content,needle", RUN_FILES, ids=[f"{f[0]}-{f[2].split(': ', 1)[1][:20]}" for f in RUN_FILES])
+def test_resume_refuses_a_bad_run_file(_a_cut_run, tmp_path, capsys, name, content, needle):
+    import shutil
+
+    from fedsim.run.resume import main as resume_main
+
+    run = tmp_path / "run"
+    shutil.copytree(_a_cut_run / "cut", run)
+    (run / name).write_bytes(content)
+    before = _files(run)
+    assert resume_main([str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"fedsim: error: {run / name.split(':')[0]}") or needle in err, err
+    assert needle in err, err
+    assert _files(run) == before  # nothing written
+
+
+REPORT_FILES = [
+    ("summary.json", b'{"accuracy": ', "summary.json: not JSON"),
+    ("summary.json", b'{"name": "caf\xe9"}', "summary.json: not UTF-8 text"),
+    ("summary.json", b"[1]", "summary.json: expected a JSON object"),
+    ("metrics.jsonl", b'{"round": 1, "accuracy": 0.5, "bytes_up": 1, "bytes_down": 1}\n{"round": 2\n',
+     "metrics.jsonl: line 2 is not JSON"),
+    ("metrics.jsonl", b'{"round": 1}\n', "metrics.jsonl: row 1 lacks 'accuracy'"),
+    ("metrics.jsonl", b'{"round": 1, "accuracy": "high", "bytes_up": 1, "bytes_down": 1}\n',
+     "metrics.jsonl: row 1: accuracy is 'high', expected a number"),
+    ("audit.jsonl", b'{"round": 1\n', "audit.jsonl: line 1 is not JSON"),
+    ("audit.jsonl", b'{"round": 1}\n', "audit.jsonl: row 1 lacks 'client'"),
+    ("audit.jsonl", b'{"round": 1, "client": 0, "attack": "dlg", "threat": "gradient", "psnr": "a"}\n',
+     "audit.jsonl: row 1: psnr is 'a'"),
+    ("audit.jsonl", b"\xfe\n", "audit.jsonl: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("name,content,needle", REPORT_FILES,
+                         ids=[f"{f[0]}-{f[2].split(': ', 1)[1][:20]}" for f in REPORT_FILES])
+def test_report_refuses_a_bad_run_file(_a_cut_run, tmp_path, capsys, name, content, needle):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(_a_cut_run / "done", run)
+    (run / name).write_bytes(content)
+    before = _files(run)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"fedsim: error: {run / name}") and needle in err, err
+    assert _files(run) == before  # no report.html, no report/ pictures
+
+
+def test_report_and_resume_in_a_read_only_folder(_a_cut_run, tmp_path, capsys, monkeypatch):
+    """Root writes anywhere: the refusal is simulated at the file system call itself."""
+    import os as _os
+    import shutil
+    import tempfile as _tempfile
+
+    from fedsim.run.resume import main as resume_main
+
+    for name in ("cut", "done"):
+        shutil.copytree(_a_cut_run / name, tmp_path / name)
+    before = {n: _files(tmp_path / n) for n in ("cut", "done")}
+    real_mkstemp, real_open = _tempfile.mkstemp, _os.open
+
+    def read_only_mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(tmp_path.resolve()):
+            raise OSError(30, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if flags & _os.O_CREAT and Path(path).resolve().is_relative_to(tmp_path.resolve()):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(_tempfile, "mkstemp", read_only_mkstemp)
+    monkeypatch.setattr(_os, "open", read_only_open)
+    assert main(["report", str(tmp_path / "done")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fedsim: error: {tmp_path / 'done' / 'report.html'}: cannot write the report (Read-only file system)"
+    assert resume_main([str(tmp_path / "cut"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Read-only file system" in err and str(tmp_path / "cut") in err, err
+    monkeypatch.undo()
+    assert before == {n: _files(tmp_path / n) for n in ("cut", "done")}
+
+
+def test_report_still_writes_a_good_run(_a_cut_run, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(_a_cut_run / "done", tmp_path / "run")
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.html").is_file()
+
+
+LATE = [
+    (["train.rounds=true"], "train.rounds: must be a number, got true"),
+    (["train.batch_size=false"], "train.batch_size: must be a number, got false"),
+    (["model.hidden=[32, true]"], "model.hidden.1: must be a number, got true"),
+    (["strategy.name=fedprox", "strategy.mu=true"], "strategy.mu: must be a number, got true"),
+    (["upload={codec: topk, ratio: true}"], "upload.ratio: must be a number, got true"),
+    (["audit={clients: true}"], "audit.clients: must be a number, got true"),
+    (["seed=18446744073709551616"], "seed: Input should be less than or equal to 9223372036854775807"),
+    (["audit={seed: 18446744073709551616, attack: ig, attack_config: {iterations: 2}}"],
+     "audit.seed: Input should be less than or equal to 9223372036854775807"),
+    (["engine.torch_threads=1000000"], "engine.torch_threads: Input should be less than or equal to 1024"),
+    (["audit={attack: ig, attack_config: {stop_tol: abc}}"], "audit.attack_config: stop_tol: expected float, got str"),
+    (["audit={attack: dlg, threat: gradient, attack_config: {steps: '2'}}"],
+     "audit.attack_config: steps: expected int, got str '2'"),
+    (["audit={attack: ig, attack_config: {seed: 3}}"], "audit.attack_config: seed: set audit.seed"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", LATE, ids=[v[1].split(":")[0] + "-" + v[0][-1][-20:] for v in LATE])
+def test_a_setting_that_used_to_fail_later(tmp_path, capsys, overrides, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE)
+    argv = [str(path), "--out", str(tmp_path / "out")]
+    for o in overrides:
+        argv += ["--set", o]
+    _refused(capsys, argv, tmp_path / "out", needle)
+
+
+def test_yaml_integers_and_floats_still_pass(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE)
+    assert main(["validate", str(path), "--set", "train.rounds=3", "--set", "train.lr=1", "--set",
+                 "seed=9223372036854775807", "--set", "engine.torch_threads=1024", "--set",
+                 "audit={attack: ig, attack_config: {iterations: 2, lr: 1, stop_tol: 0.01}}"]) == 0, capsys.readouterr().err
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE)
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, [str(path), "--out", ""], tmp_path / "runs", "--out: must be a folder path, got ''")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--image-size", "3"], "argument --image-size: must be >= 4 (as data.image_size), got 3"),
+    (["--seed", "18446744073709551616"], "argument --seed: must be <= 9223372036854775807"),
+])
+def test_the_attack_script_takes_the_scenarios_bounds(tmp_path, capsys, argv, needle):
+    from attacks.cli import main as attack_main
+
+    out = tmp_path / "out"
+    _refused(capsys, [*argv, "--iterations", "2", "--out", str(out)], out, needle,
+             prefix="python -m attacks: error:", run=attack_main)
+
+
+def test_the_attack_script_checks_attack_config_types(tmp_path, capsys):
+    from attacks.cli import main as attack_main
+
+    out = tmp_path / "out"
+    config = _attack_config(tmp_path, "attack: ig\nattack_config: {stop_tol: abc}\n")
+    _refused(capsys, ["--config", config, "--iterations", "2", "--out", str(out)], out,
+             "attack_config: stop_tol: expected float, got str 'abc'", prefix="python -m attacks: error:", run=attack_main)
+
+
+def test_a_gzip_that_inflates_beyond_its_header_is_refused_unread(tmp_path, capsys, monkeypatch):
+    """A 10 MB stream of zeros behind a header promising 20 images: refused after reading about what
+    the header promised, not inflated whole."""
+    import gzip as _gzip
+
+    bomb = _gzip.compress(_idx(np.zeros((20, 28, 28))) + bytes(10_000_000))
+    root = _mnist(tmp_path / "data", train_images_idx3_ubyte=bomb)
+    read = []
+    real_read = _gzip.GzipFile.read
+
+    def counted(self, size=-1):
+        assert size is not None and size >= 0, "read whole"
+        out = real_read(self, size)
+        read.append(len(out))
+        return out
+
+    monkeypatch.setattr(_gzip.GzipFile, "read", counted)
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE)
+    _refused(capsys, [str(path), "--out", str(tmp_path / "out"), "--set", "data.dataset=mnist",
+                      "--set", f"data.root={root}"], tmp_path / "out",
+             "train-images-idx3-ubyte.gz inflates to more than the 15696 bytes its IDX header promises")
+    assert sum(read) <= 20_000
+
+
+def test_a_fifo_as_a_data_file_is_refused_not_waited_on(tmp_path, capsys):
+    root = _mnist(tmp_path / "data")
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    os.mkfifo(root / "t10k-labels-idx1-ubyte.gz")
+    croot = _cifar(tmp_path / "cdata")
+    (croot / "cifar-10-batches-py" / "test_batch").unlink()
+    os.mkfifo(croot / "cifar-10-batches-py" / "test_batch")
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE)
+    _refused(capsys, [str(path), "--out", str(tmp_path / "out"), "--set", "data.dataset=mnist",
+                      "--set", f"data.root={root}"], tmp_path / "out",
+             "t10k-labels-idx1-ubyte.gz is a FIFO, not a data file")
+    _refused(capsys, [str(path), "--out", str(tmp_path / "out"), "--set", "data.dataset=cifar10",
+                      "--set", f"data.root={croot}"], tmp_path / "out", "test_batch is a FIFO, not a data file")

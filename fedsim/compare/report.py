@@ -20,12 +20,14 @@ import base64
 import html
 import json
 import math
+import os
 import statistics
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..run.results import atomic_write, read_metrics
+from ..run.results import RunFileError, atomic_write, read_json_object, read_jsonl, read_metrics
 
 MARKERS = ("o", "s", "^", "D")  # with 10 colours: settings beyond 10 stay distinguishable
 LINES = ("-", "--", ":", "-.")
@@ -54,6 +56,8 @@ img{max-width:100%}
 def write_report(path: str | Path) -> Path:
     """Write ``report.html`` (and ``report/*.png``) for the run or sweep in ``path``; returns the page."""
     root = Path(path)
+    if (root / "runs.csv").is_file() or (root / "summary.json").is_file():
+        _check_writable(root)  # before anything is drawn: a read-only folder gets no half of a report
     if (root / "runs.csv").is_file():
         title, body = _sweep_body(root)
     elif (root / "summary.json").is_file():
@@ -64,6 +68,17 @@ def write_report(path: str | Path) -> Path:
             f"</head><body><h1>{html.escape(title)}</h1>{body}{_CHECK}</body></html>")
     atomic_write(root / "report.html", page)
     return root / "report.html"
+
+
+def _check_writable(root: Path) -> None:
+    """RunFileError naming report.html when ``root`` takes no new file (read-only, not ours)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".report.html.", suffix=".tmp")
+    except OSError as exc:
+        raise RunFileError(f"{root / 'report.html'}: cannot write the report ({exc.strerror or type(exc).__name__})") \
+            from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -112,14 +127,48 @@ def _fmt(v: Any) -> str:
 # ----------------------------------------------------------------------------- a run
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(path: Path, rows: list[dict[str, Any]], numbers: tuple[str, ...], optional: tuple[str, ...] = (),
+                  integers: tuple[str, ...] = (), texts: tuple[str, ...] = ()) -> None:
+    """RunFileError naming the file, the line and the key of the first row whose fields are not
+    what fedsim writes there: ``numbers`` present as numbers, ``optional`` numbers or null if
+    present, ``integers`` present as integers, ``texts`` present as strings."""
+    for n, row in enumerate(rows, 1):
+        for key in numbers + optional + integers + texts:
+            if key not in row:
+                if key in optional:
+                    continue
+                raise RunFileError(f"{path}: row {n} lacks {key!r}")
+            value = row[key]
+            ok = (isinstance(value, int) and not isinstance(value, bool) if key in integers
+                  else isinstance(value, str) if key in texts
+                  else _number(value) or (value is None and key in optional))
+            if not ok:
+                raise RunFileError(f"{path}: row {n}: {key} is {str(value)[:40]!r}, expected "
+                                   f"{'an integer' if key in integers else 'text' if key in texts else 'a number'}")
+
+
 def _audit_rows(run: Path) -> list[dict[str, Any]]:
     f = run / "audit.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+    if not f.is_file():
+        return []
+    rows = read_jsonl(f)
+    _check_fields(f, rows, (), optional=("psnr", "ssim", "label_accuracy", "i2f_psnr", "cw_ssim"),
+                  integers=("round", "client"), texts=("attack", "threat"))
+    for n, r in enumerate(rows, 1):  # a picture in audit/, by its plain name
+        name = r.get("reconstruction")
+        if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
+            raise RunFileError(f"{f}: row {n}: reconstruction {str(name)[:40]!r} is not a file name in audit/")
+    return rows
 
 
 def _run_body(root: Path) -> tuple[str, str]:
-    summary = json.loads((root / "summary.json").read_text())
+    summary = read_json_object(root / "summary.json")
     rows = read_metrics(root)
+    _check_fields(root / "metrics.jsonl", rows, ("accuracy", "bytes_up", "bytes_down"), optional=("epsilon",))
     audit = _audit_rows(root)
     rounds = [r["round"] for r in rows]
     parts = [_table(["metric", "value"], [
@@ -167,7 +216,7 @@ def _run_body(root: Path) -> tuple[str, str]:
             if png.is_file():
                 psnr_text = "no score" if r.get("psnr") is None else f"{r['psnr']:.1f} dB"
                 parts.append(_figure(png.read_bytes(), f"round {r['round']}, client {r['client']}: {psnr_text}"))
-    return f"fedsim run: {summary.get('name', root.name)}", "\n".join(parts)
+    return f"fedsim run: {str(summary.get('name', root.name))[:200]}", "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- a sweep
@@ -275,8 +324,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         page = write_report(args.dir)
-    except FileNotFoundError as exc:
-        print(f"fedsim: error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, RunFileError) as exc:  # not a run or sweep; a run file fedsim did not write so
+        print(f"fedsim: error: {str(exc).splitlines()[0][:500]}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(page)
     return 0

@@ -118,9 +118,82 @@ class ResultsWriter:
         os.replace(tmp, self.dir / name)
 
 
+class RunFileError(ValueError):
+    """A file of a run folder that cannot be read as fedsim wrote it (not UTF-8, not JSON, the wrong
+    shape); the message is one line naming the file and the problem."""
+
+
+# A run file larger than this is not one fedsim wrote for any sensible run (read whole otherwise).
+MAX_RUN_FILE_BYTES = 1 << 30
+
+
+def read_text(path: str | Path) -> str:
+    """A run file as UTF-8 text; RunFileError naming it when it cannot be read or is not text."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_RUN_FILE_BYTES:
+            raise RunFileError(f"{path}: {size / 2**20:.0f} MiB is too large for a fedsim run file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RunFileError(f"{path}: cannot read the file ({exc.strerror or type(exc).__name__})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RunFileError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line})") from None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding one object (summary.json); RunFileError naming the file otherwise."""
+    text = read_text(path)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError; also a number too deep or too long
+        raise RunFileError(f"{path}: not JSON ({str(exc).splitlines()[0][:200]})") from None
+    except RecursionError:
+        raise RunFileError(f"{path}: not JSON (nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+    return value
+
+
+def read_jsonl(path: str | Path, *, torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, one a line; RunFileError naming the file and the line of
+    the first that is not JSON or not an object. ``torn_tail``: text after the last newline is a
+    torn append (a run killed mid-write) and is left out."""
+    text = read_text(path)
+    if torn_tail:
+        text = text[: text.rfind("\n") + 1]
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise RunFileError(f"{path}: line {n} is not JSON ({str(exc).splitlines()[0][:200]})") from None
+        except RecursionError:
+            raise RunFileError(f"{path}: line {n} is not JSON (nested too deeply)") from None
+        if not isinstance(row, dict):
+            raise RunFileError(f"{path}: line {n} is a JSON {type(row).__name__}, expected an object")
+        rows.append(row)
+    return rows
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
     """The rounds in metrics.jsonl. Every round's line ends with a newline, written in one call;
-    text after the last newline is a torn write (a run killed mid-append) and is left out."""
-    text = (Path(out_dir) / "metrics.jsonl").read_text()
-    complete = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+    text after the last newline is a torn write (a run killed mid-append) and is left out.
+    RunFileError naming the file when it is not UTF-8, a line is not a JSON object, or the rounds
+    are not 1, 2, 3 ... in order."""
+    path = Path(out_dir) / "metrics.jsonl"
+    rows = read_jsonl(path, torn_tail=True)
+    for i, row in enumerate(rows, 1):
+        if not _is_int(row.get("round")) or row["round"] != i:
+            raise RunFileError(f"{path}: row {i} has round {repr(row.get('round'))[:40]}, expected {i} "
+                               f"(rounds 1, 2, 3 ... in order)")
+    return rows

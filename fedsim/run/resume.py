@@ -10,7 +10,8 @@ a resume while another process still writes the folder (the original run, anothe
 
 Exit codes: 0 when the run completed (a run already complete says so on stderr and exits 0, so a
 scheduler may retry ``resume`` blindly until it succeeds); 2, with one line on stderr, when RUN_DIR is
-not a fedsim run, is in use by another run, has no checkpoint, or the checkpoint cannot be read; 130
+not a fedsim run, is in use by another run or cannot be written (read-only), has no checkpoint, or the
+checkpoint, scenario.yaml, metrics.jsonl or summary.json cannot be read as fedsim wrote it; 130
 on Ctrl-C (the checkpoint stays: resume again); 1 when every client failed, as for a fresh run.
 """
 
@@ -42,6 +43,12 @@ def main(argv: list[str]) -> int:
     if not (run_dir / "scenario.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
         return _fail(f"{run_dir} is not a fedsim run folder (it needs scenario.yaml and metrics.jsonl)")
     if (run_dir / "summary.json").is_file():
+        from .results import RunFileError, read_json_object
+
+        try:  # complete only if its summary is one fedsim wrote (it is written atomically)
+            read_json_object(run_dir / "summary.json")
+        except RunFileError as exc:
+            return _fail(str(exc))
         print(f"fedsim: {run_dir} is already complete (summary.json exists); nothing to do", file=sys.stderr)
         return 0
     try:
@@ -55,7 +62,8 @@ def main(argv: list[str]) -> int:
 def _resume(run_dir: Path, progress: bool) -> int:
     from .checkpoint import CheckpointError, kept_rows, load
     from .outdir import OutputDirError, claim_output_dir
-    from ..scenario.schema import ScenarioError, scenario_from_text
+    from .results import RunFileError
+    from ..scenario.schema import ScenarioError, load_scenario
     from ..world.build import checked_world
 
     with contextlib.ExitStack() as held:
@@ -63,15 +71,19 @@ def _resume(run_dir: Path, progress: bool) -> int:
             held.enter_context(claim_output_dir(run_dir, resume=True))
         except OutputDirError as exc:
             return _fail(f"output folder {exc}")
+        stored = run_dir / "scenario.yaml"
+        try:  # read as a scenario file is (UTF-8, strict YAML, a size limit), named in every message
+            scenario = load_scenario(stored)
+        except ScenarioError as exc:
+            return _fail(str(exc) if str(exc).startswith(str(stored)) else f"{stored}: {exc}")
         try:
-            scenario = scenario_from_text((run_dir / "scenario.yaml").read_text())
             # Checked before anything in RUN_DIR changes: a bad checkpoint leaves the run as it was.
             ckpt = load(run_dir, scenario.to_yaml())
             kept_rows(run_dir, ckpt.server_round)
             del ckpt
             if scenario.engine.name != "ray":  # the ray engine checks its data while Ray starts
                 checked_world(scenario.to_yaml())
-        except (ScenarioError, CheckpointError) as exc:
+        except (ScenarioError, CheckpointError, RunFileError) as exc:
             return _fail(str(exc))
 
         from ..console import print_table
@@ -80,7 +92,7 @@ def _resume(run_dir: Path, progress: bool) -> int:
 
         try:
             summary = run_scenario(scenario, run_dir, progress=scenario.output.progress and progress, resume=True)
-        except (ScenarioError, CheckpointError) as exc:
+        except (ScenarioError, CheckpointError, RunFileError) as exc:
             return _fail(str(exc))
         except RunStopped as exc:  # every client failed, or the model diverged
             print(f"fedsim: error: {exc}; rounds so far are in {run_dir / 'metrics.jsonl'}", file=sys.stderr)

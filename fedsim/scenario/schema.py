@@ -13,6 +13,8 @@ import copy
 import math
 import re
 import reprlib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +52,16 @@ def short(value: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+# The largest seed: torch's generators take seeds below 2**64 and the attacks add small offsets to
+# theirs; numpy takes any. Larger ones passed validation and failed mid-run (Overflow when unpacking).
+SEED_MAX = 2**63 - 1
+# engine.torch_threads: far beyond any machine's cores (more threads only contend); a typo like 10**6
+# would otherwise ask the OS for a million threads per client process.
+TORCH_THREADS_MAX = 1024
+# data.image_size (and python -m attacks --image-size): the smallest side the models take.
+IMAGE_SIZE_MIN = 4
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -74,7 +86,7 @@ class DataConfig(_Strict):
     dataset: Literal["digits", "synthetic", "patches", "mnist", "cifar10"] = "digits"
     root: str | None = None
     source: Literal["local", "hub"] = "local"
-    image_size: int | None = Field(None, ge=4, le=256)
+    image_size: int | None = Field(None, ge=IMAGE_SIZE_MIN, le=256)
     num_clients: int = Field(10, ge=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     partition: PartitionConfig = PartitionConfig()
@@ -133,7 +145,7 @@ class EngineConfig(_Strict):
     ray: RayConfig = RayConfig()
     timeout_s: float = Field(3600.0, gt=0, description="per-round wait for replies")
     torch_threads: int = Field(
-        1, ge=1, description="torch intra-op threads per client process; 1 is fastest for small models "
+        1, ge=1, le=TORCH_THREADS_MAX, description="torch intra-op threads per client process; 1 is fastest for small models "
         "and gives bit-identical results on every engine")
 
 
@@ -163,7 +175,7 @@ class AuditConfig(_Strict):
     threat: Literal["update", "gradient"] = Field(
         "update", description="update: what the client uploaded; gradient: one batch gradient on request")
     batch_size: int | None = Field(None, ge=1, description="gradient threat's batch (default train.batch_size)")
-    seed: int = Field(0, ge=0, description="the attack's own seed")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="the attack's own seed")
     support: bool = Field(True, description="update threat through a sparsifying codec: match only the "
                           "coordinates the reply carried; false: the decoded upload, unsent ones as 0")
     sketch_space: bool = Field(True, description="update threat through a codec with a space of its own: match "
@@ -191,6 +203,62 @@ def _refuse_nonfinite(loc: tuple[str, ...], values: Any) -> None:
             stack.extend(((*at, str(k)), v) for k, v in value.items())
         elif isinstance(value, (list, tuple)):
             stack.extend(((*at, str(i)), v) for i, v in enumerate(value))
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number (int or float, optionally in a union with None or a list),
+    and not also a bool."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return any(a in (int, float) for a in args) and bool not in args
+
+
+def _list_of_numbers(annotation: Any) -> bool:
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return any(typing.get_origin(a) is list and typing.get_args(a) and typing.get_args(a)[0] in (int, float)
+               for a in args)
+
+
+def _submodels(annotation: Any) -> list[type[BaseModel]]:
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _refuse_bools(model: type[BaseModel], raw: dict, loc: tuple[str, ...]) -> None:
+    """_PathError at the first field of ``model`` (and its nested models) given a bool where its type
+    is a number or a list of numbers."""
+    for name, field in model.model_fields.items():
+        if name not in raw:
+            continue
+        value, at = raw[name], (*loc, name)
+        if isinstance(value, bool) and _numeric(field.annotation):
+            raise _PathError(at, f"must be a number, got {str(value).lower()}")
+        if isinstance(value, list) and _list_of_numbers(field.annotation):
+            for i, item in enumerate(value):
+                if isinstance(item, bool):
+                    raise _PathError((*at, str(i)), f"must be a number, got {str(item).lower()}")
+        if isinstance(value, dict):
+            for sub in _submodels(field.annotation):
+                _refuse_bools(sub, value, at)
+
+
+def _refuse_bools_in_registries(raw: dict) -> None:
+    """_refuse_bools on the strategy's, the codec's and each defense's settings (their own params
+    models); names that are not registered are left to the validators that say so."""
+    from defenses import defense_names, defense_params
+    from strategies import get_strategy, strategy_names
+    from strategies.compression import codec_class, codec_names
+
+    strategy = raw.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("name", "fedavg") in strategy_names():
+        _refuse_bools(get_strategy(strategy.get("name", "fedavg")).params, strategy, ("strategy",))
+    upload = raw.get("upload")
+    if isinstance(upload, dict) and upload.get("codec", "none") in codec_names():
+        _refuse_bools(codec_class(str(upload.get("codec", "none"))).Params, upload, ("upload",))
+    defense = raw.get("defense")
+    blocks = defense if isinstance(defense, list) else [defense]
+    for i, block in enumerate(blocks):
+        if isinstance(block, dict) and block.get("name") in defense_names():
+            _refuse_bools(defense_params(block["name"]), block, ("defense", *((str(i),) if isinstance(defense, list) else ())))
 
 
 def _upload_section(v: Any) -> Any:
@@ -225,7 +293,7 @@ def _upload_section(v: Any) -> Any:
 
 class Scenario(_Strict):
     name: str = Field("scenario", description="a single folder name: runs/<name>/ holds the results")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     strategy: StrategyConfig = StrategyConfig()
@@ -248,6 +316,16 @@ class Scenario(_Strict):
         reported later as "data.strategy.mu ... got None"): refused under their own key, as
         written (.inf) here, and as coerced from text ("inf") by ``_finite_as_validated``."""
         _refuse_nonfinite((), raw)
+        return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, raw: Any) -> Any:
+        """``true`` where a number goes is refused, not read as 1 (pydantic's lax mode takes it):
+        in the typed sections and in the registries' strategy, codec and defense settings."""
+        if isinstance(raw, dict):
+            _refuse_bools(cls, raw, ())
+            _refuse_bools_in_registries(raw)
         return raw
 
     @model_validator(mode="after")
@@ -293,6 +371,7 @@ class Scenario(_Strict):
         if self.audit == "none":
             return self
         from attacks import ATTACKS
+        from attacks.base import check_config as check_attack_config
 
         a = self.audit
         if a.attack != "auto" and a.attack not in ATTACKS:
@@ -308,6 +387,9 @@ class Scenario(_Strict):
             if a.threat not in threats:
                 raise _PathError(("audit", "threat"), f"{a.attack} attacks {' or '.join(threats)}, not {a.threat}")
             try:
+                if "seed" in a.attack_config:
+                    raise ValueError("seed: set audit.seed, not a seed in attack_config")
+                check_attack_config(a.attack, a.attack_config)  # types: a str where a number goes fails late
                 ATTACKS[a.attack](**a.attack_config)
             except (TypeError, ValueError) as exc:
                 raise _PathError(("audit", "attack_config"), str(exc).splitlines()[0]) from None

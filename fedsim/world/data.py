@@ -17,7 +17,9 @@ Leaf module: imports nothing else of fedsim.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import stat
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -172,10 +174,13 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     values) is a DataError naming the file."""
     for candidate in (path, path.with_name(path.name + ".gz")):
         if candidate.exists():
-            opener = gzip.open if candidate.suffix == ".gz" else open
+            _regular(candidate)
             try:
-                with opener(candidate, "rb") as fh:
-                    raw = fh.read()
+                if candidate.suffix == ".gz":
+                    raw = _inflate_idx(candidate, ndim)
+                else:
+                    with open(candidate, "rb") as fh:
+                        raw = fh.read()
             except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut stream, EOFError
                 raise DataError(f"root: {candidate} cannot be read: {_reason(exc)}") from None
             break
@@ -192,6 +197,53 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
         raise DataError(f"root: {candidate} is truncated or padded: its header says {int(np.prod(dims))} values, "
                         f"it holds {data.size}")
     return data.reshape(dims)
+
+
+def _regular(path: Path) -> None:
+    """DataError unless ``path`` is a regular file: a FIFO would block the open until something
+    writes to it, a device would be read without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DataError(f"root: {path} cannot be read: {_reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise DataError(f"root: {path} is {kind}, not a data file")
+
+
+# Deflate inflates at most about 1032:1: a stream that inflates beyond this is no gzip file of ours.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _inflate_idx(path: Path, ndim: int) -> bytes:
+    """A gzipped IDX file inflated, refused (DataError) once it inflates beyond what its own IDX
+    header promises (a decompression bomb, or a file padded past its data) without reading the rest;
+    what it promises is also bounded by what its compressed size can hold."""
+    limit = os.stat(path).st_size * _DEFLATE_MAX_RATIO
+    with gzip.open(path, "rb") as fh:
+        head = fh.read(4 + 4 * ndim)
+        expected = len(head)
+        if len(head) == 4 + 4 * ndim and head[:3] == b"\0\0\x08" and head[3] == ndim:
+            dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+            expected += int(np.prod(dims, dtype=object))
+        else:  # not an IDX header of ndim dimensions: _read_idx says so, once the stream is read (a corrupt
+            expected = limit  # stream is the better message), up to what its compressed size can hold
+        if expected > limit:
+            raise DataError(f"root: {path}: its IDX header promises {expected} bytes, more than its "
+                            f"{os.stat(path).st_size} compressed bytes can hold")
+        parts, got = [head], len(head)
+        while got <= expected:
+            chunk = fh.read(min(1 << 20, expected + 1 - got))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        if got > expected:
+            raise DataError(f"root: {path} inflates to more than the {expected} bytes its IDX header promises "
+                            f"(refused before reading it whole)")
+    return b"".join(parts)
 
 
 def _reason(exc: BaseException) -> str:
@@ -228,6 +280,7 @@ def _cifar10_local(root: Path) -> ImageDataset:
         path = base / batch
         if not path.exists():
             raise DataError(f"CIFAR-10 batch not found: {path}")
+        _regular(path)
         try:
             fh = open(path, "rb")
         except OSError as exc:
