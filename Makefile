@@ -1,11 +1,11 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test` (`make test-all`: every test).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install bench clean deploy-demo
+.PHONY: demo test test-all install bench clean deploy-demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ demo: $(VENV)/.installed
 deploy-demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m fedsim.deploy.demo
 
+# The fast set: tests that start Ray, other processes or a reconstruction attack are left out, but for
+# one end-to-end test per feature (the rule: tests/conftest.py); at most 3 minutes on 2 cores.
+# test-all (and CI, .ci/run): every test.
 test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

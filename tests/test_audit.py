@@ -48,6 +48,17 @@ def test_gradient_audit_recovers_an_undefended_image_and_leaves_training_alone(t
     assert summary["audits"] == 4
 
 
+@pytest.mark.fast  # the fast set's audit (tests/conftest.py): one short attack, in its spawned process as in a run
+def test_a_one_round_audit_writes_its_row_and_reconstruction(tmp_path):
+    raw = _lenet(train__rounds=1, audit={"threat": "gradient", "batch_size": 1, "clients": [3], "attack": "idlg",
+                                         "attack_config": {"steps": 5}})
+    summary = run_scenario(parse_scenario(raw), tmp_path, progress=False)
+    (row,) = _audit_rows(tmp_path)
+    assert (row["round"], row["client"], row["attack"], row["threat"]) == (1, 3, "idlg", "gradient")
+    assert row["psnr"] is not None and (tmp_path / "audit" / row["reconstruction"]).stat().st_size > 100
+    assert summary["audits"] == 1
+
+
 def test_update_audit_attacks_the_configured_rounds_and_leaves_training_alone(tmp_path):
     raw = _lenet(train__rounds=5, data__num_clients=300, train__participation=0.02)
     run_scenario(parse_scenario(raw), tmp_path / "off", progress=False)

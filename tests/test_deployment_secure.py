@@ -127,7 +127,6 @@ def _deploy(cluster, tmp_path, name):
                           env=cluster.env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 def test_tls_auth_refusal_broken_node_and_inline_equality(tmp_path):
     """~3 min on 2 cores: one TLS SuperLink with SuperNode auth; run 1 with two healthy registered
     nodes (metrics == inline); then, through `fedsim deploy`, a run whose ServerApp fails and one

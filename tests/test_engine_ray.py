@@ -57,6 +57,7 @@ def rows(out_dir) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.fast  # the fast set's run on Ray (tests/conftest.py): Ray's start-up, a few seconds
 def test_ray_matches_inline_round_by_round(local_ray, small_scenario, tmp_path):
     inline = small_scenario(train__rounds=3)
     on_ray = small_scenario(train__rounds=3, engine__name="ray", engine__ray={"num_actors": 2})

@@ -195,7 +195,6 @@ def test_audit_jobs_in_flight_are_resubmitted(tmp_path, monkeypatch):
     assert rows == _audit(tmp_path / "alone")
 
 
-@pytest.mark.slow  # starts Ray
 def test_resume_on_the_ray_engine(tmp_path, monkeypatch, local_ray):
     """Against the run left alone on the inline engine: one seed gives one run on every engine
     (tests/test_engine_ray.py), and it spares a third start of the actors."""

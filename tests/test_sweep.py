@@ -36,6 +36,19 @@ def test_grid_and_zip_expand_in_order_and_name_runs_stably():
     assert run_name({"defense": {"name": "noise", "variance": 0.01}}) == run_name({"defense": {"variance": 0.01, "name": "noise"}})
 
 
+@pytest.mark.fast  # the fast set's sweep (tests/conftest.py): one Ray start-up, two one-round runs
+def test_a_one_round_sweep_runs_each_setting_once(tmp_path):
+    sweep, runs = load_sweep(_sweep_file(tmp_path, set={"train.rounds": 1}, grid={"train.lr": [0.05, 0.2]}))
+    root = run_sweep(sweep, runs, tmp_path / "out", workers=1, progress=False)
+    rows = read_csv(root)
+    assert [r["run"] for r in rows] == [r.name for r in runs] and len(rows) == 2
+    for row, run in zip(rows, runs):
+        summary = json.loads((root / "runs" / run.name / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["scenario"]["train"]["lr"] == row["train.lr"] == run.values["train.lr"]
+        assert row["accuracy"] == summary["accuracy"]
+    assert (root / "report.html").is_file()
+
+
 def test_a_sweep_runs_every_setting_and_its_csv_equals_each_runs_summary(tmp_path):
     sweep, runs = load_sweep(_sweep_file(tmp_path))
     root = run_sweep(sweep, runs, tmp_path / "out", workers=2, progress=False)
