@@ -14,4 +14,7 @@ except KeyboardInterrupt:  # the instants main() does not cover (its own start-u
 # are written and Ray is shut down. Freezing moves them out of the collector's reach; atexit
 # handlers still run.
 gc.freeze()
+inline = sys.modules.get("fedsim.engines.inline")  # loaded only when a run used the inline engine
+if inline is not None:
+    inline.exit_past_abandoned_calls(code)  # a timed-out call still inside torch would abort the shut-down
 sys.exit(code)

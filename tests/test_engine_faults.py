@@ -274,6 +274,88 @@ def test_inline_watchdog_times_a_hung_client_out_and_the_run_goes_on(small_scena
     assert calls == {0: rounds, 1: rounds, 2: rounds, HUNG: rounds - 2}  # the late call's +2 never landed
 
 
+SPIN_TIMEOUT, SPIN_ROUNDS = 2.0, 4
+
+
+def _spin_raw(name):
+    return small_raw(train__rounds=SPIN_ROUNDS, strategy={"name": f"faults-{name}"}, engine={"timeout_s": SPIN_TIMEOUT})
+
+
+def _healthy_numbers(rows):
+    """Each round's metrics, which come from the three healthy clients alone (SPIN_NODE fails every round)."""
+    failing = str(NODE_ID_BASE + fault_hooks.SPIN_NODE)
+    assert [(r["participants"], r["failures"], list(r["failure_reasons"])) for r in rows] == \
+        [(3, 1, [failing])] * SPIN_ROUNDS, rows
+    return [(r["accuracy"], r["loss"], r["train_loss"], r["bytes_up"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def without_the_hang(tmp_path_factory):
+    """The healthy clients' numbers when SPIN_NODE fails at once instead of training on."""
+    from fedsim.run.apps import client_app
+    from fedsim.scenario import parse_scenario
+
+    fault_hooks.register_spinner()
+    scenario, out = parse_scenario(_spin_raw("failing")), tmp_path_factory.mktemp("failing")
+    _run(lambda config: InlineGrid(client_app, scenario.data.num_clients, config, RUN_ID), scenario, out)
+    return _healthy_numbers(read_metrics(out))
+
+
+def test_an_inline_call_given_up_while_training_changes_no_healthy_client(without_the_hang, tmp_path):
+    """Issue 21 (2): the given-up call trains on, in place, through rounds 2-4 while the healthy
+    clients train; it must not share their model: their numbers are exactly those of the run
+    without it (before the fix, the one model object per process was shared: other numbers, or
+    'modified by an inplace operation' failures)."""
+    from fedsim.run.apps import client_app
+    from fedsim.scenario import parse_scenario
+
+    fault_hooks.STOP_SPINNING.clear(), fault_hooks.SPIN_THREADS.clear()
+    scenario = parse_scenario(_spin_raw("spinner"))
+    try:
+        _run(lambda config: InlineGrid(client_app, scenario.data.num_clients, config, RUN_ID), scenario, tmp_path)
+        assert [t.is_alive() for t in fault_hooks.SPIN_THREADS] == [True]  # it trained on through the whole run
+    finally:
+        fault_hooks.STOP_SPINNING.set()
+        for thread in fault_hooks.SPIN_THREADS:
+            thread.join(60)
+    rows = read_metrics(tmp_path)
+    assert rows[0]["failure_reasons"][str(NODE_ID_BASE + fault_hooks.SPIN_NODE)].startswith("timeout: no reply")
+    assert _healthy_numbers(rows) == without_the_hang
+
+
+def _cli(name, folder):
+    """``python -m fedsim`` (its __main__, as run from a shell) on _spin_raw(name), in a process of its
+    own: (the process, seconds, output folder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder.mkdir()
+    path, out = folder / "s.yaml", folder / "out"
+    path.write_text(yaml.safe_dump(_spin_raw(name)))
+    code = ("import runpy, sys\nfrom tests import fault_hooks\nfault_hooks.register_spinner()\n"
+            f"sys.argv = ['fedsim', {str(path)!r}, '--out', {str(out)!r}, '--quiet']\n"
+            "runpy.run_module('fedsim', run_name='__main__', alter_sys=True)\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+    return proc, time.monotonic() - started, out
+
+
+def test_the_cli_exits_with_its_own_code_while_a_given_up_call_trains_on(tmp_path):
+    """``python -m fedsim`` ends while the given-up call is still inside torch: exit 0 with the
+    summary written and the healthy numbers of the same CLI run without the hang (before the fix:
+    exit 134, 'terminate called without an active exception', or 139, after summary.json was written)."""
+    proc, took, out = _cli("spinner", tmp_path / "spinner")
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert took < 50  # it did not wait for the 60 s call
+    assert "final accuracy" in proc.stdout, proc.stdout
+    assert (out / "summary.json").is_file()
+    failing, _, failing_out = _cli("failing", tmp_path / "failing")
+    assert failing.returncode == 0, failing.stderr[-3000:]
+    assert _healthy_numbers(read_metrics(out)) == _healthy_numbers(read_metrics(failing_out))
+
+
 def test_a_sweep_with_an_unreachable_address_is_one_line_exit_2_within_seconds(loopback, tmp_path, capsys):
     """``fedsim sweep --address`` goes through the same check as engine.ray.address, before any output."""
     from fedsim.cli import main

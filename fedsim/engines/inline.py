@@ -16,13 +16,24 @@ gets one: ``context_copy``, 1-15 us) that is kept only from calls that returned 
 Until it returns, its node is busy: later rounds give that node an error reply saying so
 at once (no waiting), and once the call returns the node trains again. (Ray kills and
 replaces a hung call's actor instead.)
+
+An abandoned call shares no mutable state with the calls after it: they run on a fresh thread,
+and fedsim's ClientApp keeps its model objects per thread (``fedsim.run.apps._model_of``), so
+the late call trains its own model object on, never the next clients'. A process that ends
+while an abandoned call still runs (maybe inside torch, whose threads would abort the
+interpreter's shut-down: exit 134 or 139 after the results were written) leaves with
+``os._exit`` and the run's own exit code, once logging and the standard streams are flushed
+(``exit_past_abandoned_calls``, which `python -m fedsim` calls last).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import logging
+import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -239,6 +250,32 @@ class _ClientThread:
         self._rounds.put(None)
 
 
+_abandoned: list[_Round] = []  # the rounds given up on while a call of theirs ran (maybe still running)
+
+
+def _abandon(work: _Round) -> None:
+    """Remember a round whose running call was given up, so the process's exit can get past it."""
+    _abandoned[:] = [w for w in _abandoned if not w.done()]
+    _abandoned.append(work)
+
+
+def exit_past_abandoned_calls(code: int) -> None:
+    """End the process now with ``code`` if an abandoned call still runs; else return (`python -m fedsim`
+    calls this right before it exits). The interpreter's shut-down would end that daemon thread wherever
+    it next takes the GIL, which inside torch's C++ frames aborts the process ("terminate called without
+    an active exception", exit 134) or crashes it (139). Nothing of the run is lost: its results were
+    written and closed; logging and the standard streams are flushed first."""
+    if all(work.done() for work in _abandoned):
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream: nothing more to save
+            pass
+    os._exit(code)
+
+
 def _which_call(msg: Message) -> str:
     """'round R' for a training message (its config says the round), else its message type."""
     for record in msg.content.config_records.values():
@@ -308,6 +345,7 @@ class InlineGrid(SimulatedNodesGrid):
             running = work.give_up()
             if running is not None:
                 self._hung[running.metadata.dst_node_id] = (work, _which_call(running))
+                _abandon(work)
             self._retire()  # that thread exits once the running call returns; the next round gets a new one
             self._thread = self._retire = None
         elif work.error is not None:

@@ -9,8 +9,10 @@ its own files at ``node_config["data-path"]`` (``fedsim.deploy.node_data``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
+from collections import UserDict
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -51,9 +53,16 @@ def scenario_text(run_config: dict) -> str:
     raise KeyError("run_config has neither 'scenario-yaml' nor 'scenario'")
 
 
-# One model object per World per process, reloaded every call; by id(world), checked against a
+class _ThreadModels(threading.local, UserDict):
+    """A dict of its own in every thread: the calling thread's models."""
+
+
+# One model object per World per thread, reloaded every call; by id(world), checked against a
 # weak reference (an id can be reused once its World is gone), at most MAX_WORLDS as the Worlds.
-_models: dict[int, tuple[weakref.ref, nn.Module]] = {}
+# Per thread, not per process: a call the inline engine gives up on (engine.timeout_s) runs on in
+# its own thread, training its model in place, while every later call runs on another thread
+# (fedsim.engines.inline), so on another model object; a thread's models go with the thread.
+_models: dict[int, tuple[weakref.ref, nn.Module]] = _ThreadModels()
 
 
 def _model_of(world: World) -> nn.Module:
