@@ -46,14 +46,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..records import to_record, to_torch
-from .codec import PAYLOAD, AuditRequest, AuditView, CodecContext, DeltaCodec, float_keys, rebuild
-from .sign import SignCodec
-from .terngrad import TernGradCodec
-from .topk import TopKCodec, TopKParams
+from .codec import AuditRequest, AuditView
+from .ef21 import EstimateCodec
 
 STATE = "codec-econtrol"
 
@@ -63,12 +61,6 @@ class EControlParams(BaseModel):
     inner: Literal["topk", "sign", "terngrad"] = Field("topk", description="the contractive compressor C")
     ratio: float = Field(0.01, gt=0, le=1, description="topk's fraction of values kept")
     eta: float = Field(0.1, gt=0, description="feedback strength: the weight of the error e_i in what is compressed")
-
-
-def _inner(p: EControlParams) -> DeltaCodec:
-    if p.inner == "topk":
-        return TopKCodec(TopKParams(ratio=p.ratio))
-    return SignCodec() if p.inner == "sign" else TernGradCodec()
 
 
 def _memory(state: RecordDict, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +73,9 @@ def _memory(state: RecordDict, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(d), torch.zeros(d)
 
 
-class EControlCodec(DeltaCodec):
+class EControlCodec(EstimateCodec):
     name = "econtrol"
     Params = EControlParams
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        self.inner = _inner(self.params)
-        self.estimates: dict[int, torch.Tensor] = {}  # server side: h_i by partition id
 
     # ---------------------------------------------------------------- client
     def encode_vector(self, delta, sizes, state, ctx):
@@ -100,22 +87,7 @@ class EControlCodec(DeltaCodec):
         state[STATE] = to_record({"e": e, "h": h})
         return payload
 
-    def decode_vector(self, payload, sizes, ctx):
-        """Delta_i = C^-1(payload), the change of the estimate (the server adds it to its h_i in ``decode``)."""
-        return self.inner.decode_vector(payload, sizes, ctx)
-
-    # ---------------------------------------------------------------- server
-    def decode(self, content: RecordDict, sent: ArrayRecord, ctx: CodecContext = CodecContext()) -> RecordDict:
-        base = to_torch(sent)
-        sizes = [base[k].numel() for k in float_keys(base)]
-        step = self.decode_vector(to_torch(content[PAYLOAD]), sizes, ctx)
-        h = self.estimates.get(ctx.client)
-        h = step if h is None or h.numel() != step.numel() else h + step
-        self.estimates[ctx.client] = h
-        return rebuild(content, base, h)
-
-    def support(self, content, sent):
-        return None  # sent + h_i: every coordinate the client ever sent
+    # the server side (h_i by partition id, decoded to sent + h_i) is error feedback's: ``EstimateCodec``
 
     def audit_view(self, request: AuditRequest) -> AuditView:
         return AuditView(exact=False, note="econtrol: the server's estimate sent + h_i of the client's update (the "

@@ -35,32 +35,25 @@ class Ef21Params(BaseModel):
     ratio: float = Field(0.01, gt=0, le=1, description="topk's fraction of values kept")
 
 
-def _inner(p: Ef21Params) -> DeltaCodec:
+def inner_codec(p: BaseModel) -> DeltaCodec:
+    """The compressor C named by ``p.inner`` (with ``p.ratio`` for topk)."""
     if p.inner == "topk":
         return TopKCodec(TopKParams(ratio=p.ratio))
     return SignCodec() if p.inner == "sign" else TernGradCodec()
 
 
-class Ef21Codec(DeltaCodec):
-    name = "ef21"
-    Params = Ef21Params
+class EstimateCodec(DeltaCodec):
+    """Error feedback's server side: per client, an estimate of its update that every reply moves by the
+    compressed change it carries (both sides decode it with the inner codec, so they stay equal bit for
+    bit); the server decodes a reply to ``sent + estimate``."""
 
     def __init__(self, params=None):
         super().__init__(params)
-        self.inner = _inner(self.params)
-        self.estimates: dict[int, torch.Tensor] = {}  # server side: g_i by partition id
-
-    def encode_vector(self, delta, sizes, state, ctx):
-        g = to_torch(state[STATE])["g"] if STATE in state else None
-        if g is None or g.numel() != delta.numel():
-            g = torch.zeros_like(delta)
-        payload = self.inner.encode_vector(delta - g, sizes, state, ctx)
-        g += self.inner.decode_vector(payload, sizes, ctx)
-        state[STATE] = to_record({"g": g})
-        return payload
+        self.inner = inner_codec(self.params)
+        self.estimates: dict[int, torch.Tensor] = {}  # server side: the estimate by partition id
 
     def decode_vector(self, payload, sizes, ctx):
-        """C^-1(c_i), the change of the estimate (the server adds it to its g_i in ``decode``)."""
+        """The change of the estimate (the server adds it to its estimate in ``decode``)."""
         return self.inner.decode_vector(payload, sizes, ctx)
 
     def decode(self, content: RecordDict, sent: ArrayRecord, ctx: CodecContext = CodecContext()) -> RecordDict:
@@ -73,7 +66,21 @@ class Ef21Codec(DeltaCodec):
         return rebuild(content, base, g)
 
     def support(self, content, sent):
-        return None  # sent + g_i: every coordinate the client ever sent
+        return None  # sent + estimate: every coordinate the client ever sent
+
+
+class Ef21Codec(EstimateCodec):
+    name = "ef21"
+    Params = Ef21Params
+
+    def encode_vector(self, delta, sizes, state, ctx):
+        g = to_torch(state[STATE])["g"] if STATE in state else None
+        if g is None or g.numel() != delta.numel():
+            g = torch.zeros_like(delta)
+        payload = self.inner.encode_vector(delta - g, sizes, state, ctx)
+        g += self.inner.decode_vector(payload, sizes, ctx)
+        state[STATE] = to_record({"g": g})
+        return payload
 
     def audit_view(self, request: AuditRequest) -> AuditView:
         return AuditView(note="ef21: the server's estimate sent + g_i of the client's update")
