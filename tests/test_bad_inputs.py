@@ -567,3 +567,19 @@ def test_a_fifo_as_a_data_file_is_refused_not_waited_on(tmp_path, capsys):
              "t10k-labels-idx1-ubyte.gz is a FIFO, not a data file")
     _refused(capsys, [str(path), "--out", str(tmp_path / "out"), "--set", "data.dataset=cifar10",
                       "--set", f"data.root={croot}"], tmp_path / "out", "test_batch is a FIFO, not a data file")
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: os.mkfifo(p), "is not a regular file"),
+    (lambda p: os.symlink("/dev/null", p), "is not a regular file"),
+    (lambda p: p.write_bytes(b"#" * (10 * 2**20 + 4096)), "10,489,856 bytes is too large"),
+], ids=["fifo", "device", "just-over-the-limit"])
+def test_a_scenario_path_that_is_no_scenario_file_says_what_it_is(tmp_path, capsys, make, needle):
+    """Not 'not found' for a FIFO or a device (and no wait on the FIFO), not '10 MiB is too large' for a file
+    a few kB over 10 MiB (issue 21 item 10)."""
+    path = tmp_path / "s.yaml"
+    make(path)
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()

@@ -583,12 +583,15 @@ def load_raw(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
         raise ScenarioError(f"{p} is a folder, not a scenario file")
-    if not p.is_file():
+    if not p.exists():
         raise ScenarioError(f"scenario file not found: {p}")
+    if not p.is_file():  # a FIFO, a device (/dev/null ...), a socket: not a file to read a scenario from
+        raise ScenarioError(f"{p} is not a regular file, not a scenario file")
     try:
-        if p.stat().st_size > MAX_FILE_BYTES:
-            raise ScenarioError(f"{p}: {p.stat().st_size / 2**20:.0f} MiB is too large for a scenario file "
-                                f"(at most {MAX_FILE_BYTES // 2**20} MiB)")
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ScenarioError(f"{p}: {size:,} bytes is too large for a scenario file "
+                                f"(at most {MAX_FILE_BYTES:,} bytes, {MAX_FILE_BYTES // 2**20} MiB)")
         data = p.read_bytes()
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read the file ({exc.strerror or type(exc).__name__})") from None
