@@ -8,7 +8,9 @@ Bad input (file, keys, values, data that cannot be loaded, sizes that cannot be 
 output directory that cannot be used) is one line on stderr and exit code 2, before any output
 directory exists. A run holds its output directory for as long as it runs (``fedsim.run.outdir``):
 a second run on it exits 2, and one holding an earlier run's results needs ``--overwrite``.
-Ctrl-C during start-up is one line and exit code 130, with nothing written.
+Ctrl-C during start-up is one line and exit code 130, with nothing written. A full disk (or
+quota) is one line naming the file and exit code 1; every file is as it was before that write, and
+``fedsim resume`` continues the run once there is space (when a checkpoint was written).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
 
             from .engines import run_scenario
+            from .run.results import DiskFullError
             from .run.rounds import RunStopped
 
             if args.out is not None and (not args.out.strip() or "\0" in args.out):  # "" was ignored silently
@@ -124,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except RunStopped as exc:  # every client failed, or the model diverged
             print(f"fedsim: error: {exc}; rounds so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
+            return 1
+        except DiskFullError as exc:  # every file as it was before the failed write: resumable
+            from .run.checkpoint import disk_full_line
+
+            print(disk_full_line(exc, out_dir), file=sys.stderr)
             return 1
     print_table(summary, out_dir)
     return 0

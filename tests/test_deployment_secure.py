@@ -167,7 +167,7 @@ def test_tls_auth_refusal_broken_node_and_inline_equality(tmp_path):
         cluster.start_supernode("carol", f'partition-id=2 data-path="{broken}"')
         cluster.wait_online(["carol"])
         # Item 4 on the same SuperLink: `python -m fedsim deploy` submits, streams `flwr log`, and
-        # exits 1 when the ServerApp fails (a scenario key it rejects), 0 when it completes.
+        # exits 2 on a scenario key the apps reject (checked before submitting), 0 when it completes.
         bad = _deploy(cluster, tmp_path, "bad")
         ok = _deploy(cluster, tmp_path, "broken")
         failed = tmp_path / "out-broken"
@@ -184,8 +184,10 @@ def test_tls_auth_refusal_broken_node_and_inline_equality(tmp_path):
     assert key(read_metrics(healthy)) == key(read_metrics(tmp_path / "inline"))
     assert all("failure_reasons" not in r for r in read_metrics(healthy))
 
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "finished:failed" in bad.stderr and "no_such_key" in bad.stdout + bad.stderr
+    # A scenario key the apps reject is refused by `fedsim deploy` itself, before anything is submitted.
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "no_such_key" in bad.stderr, bad.stderr
+    assert "submitted" not in bad.stdout
     assert ok.returncode == 0 and "completed" in ok.stdout, ok.stdout + ok.stderr
 
     rows = read_metrics(failed)

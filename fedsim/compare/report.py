@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..run.results import RunFileError, atomic_write, read_json_object, read_jsonl, read_metrics
+from ..run.results import (DiskFullError, RunFileError, atomic_write, disk_full_as_error, read_json_object, read_jsonl,
+                           read_metrics)
 
 MARKERS = ("o", "s", "^", "D")  # with 10 colours: settings beyond 10 stay distinguishable
 LINES = ("-", "--", ":", "-.")
@@ -98,9 +99,15 @@ def _plot(root: Path, name: str, draw: Callable[[Any], None], size=(5.5, 3.4)) -
     out = root / "report" / f"{name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    with disk_full_as_error(out):
+        try:
+            fig.savefig(tmp)
+            tmp.replace(out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            plt.close(fig)
     return _figure(out.read_bytes(), name.replace("_", " "))
 
 
@@ -317,7 +324,7 @@ def _sweep_body(root: Path) -> tuple[str, str]:
 def main(argv: list[str]) -> int:
     import sys
 
-    from ..console import EXIT_BAD_INPUT, Parser
+    from ..console import EXIT_BAD_INPUT, EXIT_FAILED, Parser
 
     p = Parser(prog="fedsim report", description="Write report.html for a run or a sweep folder.")
     p.add_argument("dir", help="a run folder (summary.json) or a sweep folder (runs.csv)")
@@ -327,5 +334,8 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, RunFileError) as exc:  # not a run or sweep; a run file fedsim did not write so
         print(f"fedsim: error: {str(exc).splitlines()[0][:500]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DiskFullError as exc:  # the report's earlier files (each written atomically) are intact
+        print(f"fedsim: error: {exc}; free some space and run `fedsim report` again", file=sys.stderr)
+        return EXIT_FAILED
     print(page)
     return 0

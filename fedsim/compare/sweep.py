@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..run.outdir import OutputDirError, check_output_dir, check_output_path, claim_output_dir, hold_folder
-from ..run.results import atomic_write
+from ..run.results import DiskFullError, atomic_write
 from ..scenario.schema import Scenario, ScenarioError, apply_overrides, load_raw, parse_scenario
 from .runs_csv import COLUMNS, read_csv  # noqa: F401  (read_csv: the sweep's reader, also here)
 
@@ -259,6 +259,9 @@ def _wait_all(pending: dict, total: int, done_before: int, progress: bool) -> di
                 ray.get(ready[0])
                 bar.update(job, advance=1, description=run.name)
             except Exception as exc:  # the run's own error, one line
+                full = exc if isinstance(exc, DiskFullError) else getattr(exc, "cause", None)
+                if isinstance(full, DiskFullError):  # the other runs would fail the same way: stop the sweep
+                    raise DiskFullError(full.path, full.quota) from None
                 failures[run.name] = str(exc).strip().splitlines()[-1]
                 bar.update(job, advance=1, description=f"{run.name} FAILED")
     return failures
@@ -355,6 +358,10 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     except RuntimeError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
+        return 1
+    except DiskFullError as exc:  # finished runs are kept; an unfinished one is redone by the next sweep
+        print(f"fedsim: error: {exc}; finished runs are kept: free some space and run the sweep again",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fedsim: interrupted; finished runs are kept, re-run the sweep to do the rest", file=sys.stderr)

@@ -1,7 +1,9 @@
 """``python -m fedsim deploy SCENARIO [--superlink NAME] [--out DIR] [--app DIR]``: submit a
 scenario to a SuperLink with `flwr run`, stream the run's logs (`flwr log --stream`) and exit
 with the run's outcome: 0 when the ServerApp completed, 1 when it failed or was stopped
-(with Flower's status details on stderr), 2 when the run could not be submitted.
+(with Flower's status details on stderr), 2 when the run could not be submitted: bad usage, a
+scenario that does not validate (checked here first, as ``fedsim`` checks it, without the data:
+no `flwr` is started), or a SuperLink that cannot be reached; each is one line on stderr.
 
 The SuperLink connection (address, ``root-certificates``) comes from `flwr`'s config.toml
 (``FLWR_HOME``), as for `flwr run`. The log streamer is started in its own process group and
@@ -10,8 +12,8 @@ stopped by its PID when the run ends or on Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..console import EXIT_BAD_INPUT, EXIT_FAILED
+from ..console import EXIT_BAD_INPUT, EXIT_FAILED, Parser
 
 
 def _flwr(*args: str, env=None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -31,6 +33,15 @@ def _flwr(*args: str, env=None, cwd=None, timeout: float = 120) -> subprocess.Co
 def _json(text: str) -> dict:
     start = text.find("{")  # flwr may print a line before the JSON object
     return json.loads(text[start:]) if start >= 0 else {}
+
+
+def _last_line(answer: dict, res: subprocess.CompletedProcess) -> str:
+    """Flower's reason in one line: the last line of its error message (the lines before it are
+    configuration warnings and the connection it used)."""
+    text = str(answer.get("error-message") or "") or (res.stderr or "") or (res.stdout or "")
+    lines = [line.strip(" \t│╭╮╰╯─") for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    return (lines[-1] if lines else f"flwr run exited with code {res.returncode}")[:500]
 
 
 def run_status(run_id: str, superlink: str | None, env=None, cwd=None) -> tuple[str, str]:
@@ -47,11 +58,24 @@ def follow(scenario: str | Path, superlink: str | None = None, out: str | Path |
     """Submit, stream logs, return the exit code (0 completed, 1 failed/stopped, 2 not submitted)."""
     scenario = Path(scenario).resolve()
     config = f'scenario="{scenario}" progress=false' + (f' out-dir="{Path(out).resolve()}"' if out else "")
-    res = _flwr("run", str(app), *([superlink] if superlink else []), "--run-config", config, "--format", "json",
-                env=env, cwd=app)
-    run_id = _json(res.stdout).get("run-id") if res.returncode == 0 else None
+    try:
+        res = _flwr("run", str(app), *([superlink] if superlink else []), "--run-config", config, "--format", "json",
+                    env=env, cwd=app, timeout=min(120, timeout) if timeout else 120)
+    except subprocess.TimeoutExpired as exc:
+        print(f"fedsim deploy: error: the run was not submitted: `flwr run` gave no answer within {exc.timeout:.0f} s",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # no flwr executable
+        print(f"fedsim deploy: error: the run was not submitted: cannot start flwr ({exc.strerror or exc})",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        answer = _json(res.stdout)
+    except ValueError:
+        answer = {}
+    run_id = answer.get("run-id") if res.returncode == 0 else None
     if not run_id:
-        print(f"fedsim deploy: the run was not submitted:\n{res.stdout}{res.stderr}", file=sys.stderr)
+        print(f"fedsim deploy: error: the run was not submitted: {_last_line(answer, res)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"fedsim deploy: run {run_id} submitted", file=stream, flush=True)
     exe = Path(sys.executable).with_name("flwr")
@@ -91,16 +115,40 @@ def follow(scenario: str | Path, superlink: str | None = None, out: str | Path |
     return EXIT_FAILED
 
 
+def check_scenario(path: str | Path) -> None:
+    """What the run command checks before it writes anything (``fedsim.cli.prepare``) but the data:
+    that lives on the SuperNodes (``fedsim.deploy.node_data``). ScenarioError, one line, if bad."""
+    from ..scenario.schema import ScenarioError, load_scenario
+    from ..world.build import check_memory
+    from ..world.memory import MemoryRefused
+
+    scenario = load_scenario(path)
+    try:
+        check_memory(scenario)
+    except MemoryRefused as exc:
+        raise ScenarioError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedsim deploy", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="fedsim deploy", description=__doc__.split("\n\n")[0])  # usage errors: one line, exit 2
     ap.add_argument("scenario", help="scenario YAML (its path is passed to the apps)")
     ap.add_argument("--superlink", help="SuperLink connection name in flwr's config.toml (default: its default)")
     ap.add_argument("--out", help="results folder on the SuperLink's machine (default: output.dir or runs/<name>)")
     ap.add_argument("--app", default=".", help="the Flower app folder (this repository)")
     ap.add_argument("--timeout", type=float, help="give up (exit 1) after this many seconds")
     args = ap.parse_args(argv)
-    if not Path(args.scenario).is_file():
-        print(f"fedsim deploy: error: no scenario file {args.scenario}", file=sys.stderr)
+    if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
+        print(f"fedsim: error: --timeout: must be a positive number of seconds, got {args.timeout:g}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from ..scenario.schema import ScenarioError
+
+    try:  # the scenario is checked here, as `fedsim` checks it, before anything is submitted
+        check_scenario(args.scenario)
+    except KeyboardInterrupt:
+        print("fedsim deploy: interrupted during start-up; nothing was submitted", file=sys.stderr)
+        return 130
+    except ScenarioError as exc:
+        print(f"fedsim: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         return follow(args.scenario, args.superlink, args.out, args.app, timeout=args.timeout)

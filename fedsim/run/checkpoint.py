@@ -44,7 +44,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from .results import _FILE_MODE, read_metrics
+from .results import _FILE_MODE, disk_full_as_error, read_metrics
 from .rounds import RoundObserver, RoundRecord
 
 CHECKPOINT = "checkpoint.pkl"
@@ -96,15 +96,25 @@ def dumps(obj: Any) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)  # atomic, as results.atomic_write (no fsync, for the same reason)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_full_as_error(path):  # a full disk: DiskFullError, the previous checkpoint kept
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, _FILE_MODE)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)  # atomic, as results.atomic_write (no fsync, for the same reason)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def disk_full_line(exc: Exception, run_dir: str | Path) -> str:
+    """The one line for a run stopped by a full disk (``results.DiskFullError``): what to do next."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT).is_file():
+        return (f"fedsim: error: {exc}; rounds so far are in {run_dir / 'metrics.jsonl'}; free some space, then "
+                f"continue with `python -m fedsim resume {run_dir}`")
+    return f"fedsim: error: {exc}; free some space and run it again"
 
 
 def load(run_dir: str | Path, scenario_yaml: str | None = None) -> Checkpoint:
@@ -192,4 +202,4 @@ class Checkpointer(RoundObserver):
         (Path(self.run_dir) / CHECKPOINT).unlink(missing_ok=True)
 
 
-__all__ = ["CHECKPOINT", "Checkpoint", "CheckpointError", "Checkpointer", "kept_rows", "load"]
+__all__ = ["CHECKPOINT", "Checkpoint", "CheckpointError", "Checkpointer", "disk_full_line", "kept_rows", "load"]

@@ -5,14 +5,22 @@ metrics.jsonl, which gets one line appended per round (one write call; rewriting
 file cost 37 ms a round at round 10,000). An interrupted run keeps every round it reported;
 a kill in the middle of an append can leave a torn last line, which ``read_metrics``
 recognises (no newline, or not JSON) and leaves out.
+
+A full disk (ENOSPC, or the quota: EDQUOT) on any of these writes is ``DiskFullError`` naming the
+file; the write leaves the file as it was (the atomic writes keep the old file, a failed append
+is cut back to the rows before it), so the run folder stays consistent and ``fedsim resume``
+continues it once there is space.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +29,46 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # mkstemp makes 0600 files; results should read like any other file
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(Exception):
+    """A write found the device full (ENOSPC) or the user's quota used up (EDQUOT). The file written
+    is as it was before the write; ``str()`` is one line naming it. Picklable (a sweep's Ray task)."""
+
+    def __init__(self, path: str | Path, quota: bool = False):
+        super().__init__(str(path), quota)
+        self.path, self.quota = str(path), quota
+
+    def __str__(self) -> str:
+        return f"{'the disk quota is used up' if self.quota else 'no space left on the device'} writing {self.path}"
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | Path) -> Iterator[None]:
+    """Turn an OSError of a full disk or quota raised inside into DiskFullError naming ``path``."""
     try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        # rename is atomic: a killed or interrupted run leaves the old or the new file, never
-        # half of one. No fsync: it guards only against power loss and costs ~8 ms a round.
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise DiskFullError(path, quota=exc.errno == errno.EDQUOT) from None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    with disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, _FILE_MODE)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            # rename is atomic: a killed or interrupted run leaves the old or the new file, never
+            # half of one. No fsync: it guards only against power loss and costs ~8 ms a round.
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _clean(value: Any) -> Any:
@@ -58,9 +93,19 @@ class ResultsWriter:
         atomic_write(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add_round(self, row: dict[str, Any]) -> None:
-        self.rows.append(_clean(row))
-        with open(self.dir / "metrics.jsonl", "a") as fh:  # one write: a kill tears at most this line
-            fh.write(json.dumps(self.rows[-1]) + "\n")
+        row = _clean(row)
+        path = self.dir / "metrics.jsonl"
+        data = (json.dumps(row) + "\n").encode()
+        with disk_full_as_error(path), open(path, "ab") as fh:  # one write: a kill tears at most this line
+            end = fh.seek(0, os.SEEK_END)
+            try:
+                fh.write(data)
+                fh.flush()
+            except OSError:  # a full disk: cut off what part of the line was written, keep the rounds before
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fh.fileno(), end)
+                raise
+        self.rows.append(row)
 
     def finish(self, summary: dict[str, Any], plot: bool = True, audit_rows: list[dict[str, Any]] | None = None) -> None:
         atomic_write(self.dir / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")
@@ -110,12 +155,18 @@ class ResultsWriter:
     def _save(self, fig, name: str) -> None:
         import matplotlib.pyplot as plt
 
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".png")
-        os.fchmod(fd, _FILE_MODE)
-        os.close(fd)
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.dir / name)
+        with disk_full_as_error(self.dir / name):
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".png")
+            try:
+                os.fchmod(fd, _FILE_MODE)
+                os.close(fd)
+                fig.savefig(tmp)
+                os.replace(tmp, self.dir / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            finally:
+                plt.close(fig)
 
 
 class RunFileError(ValueError):

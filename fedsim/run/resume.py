@@ -12,7 +12,8 @@ Exit codes: 0 when the run completed (a run already complete says so on stderr a
 scheduler may retry ``resume`` blindly until it succeeds); 2, with one line on stderr, when RUN_DIR is
 not a fedsim run, is in use by another run or cannot be written (read-only), has no checkpoint, or the
 checkpoint, scenario.yaml, metrics.jsonl or summary.json cannot be read as fedsim wrote it; 130
-on Ctrl-C (the checkpoint stays: resume again); 1 when every client failed, as for a fresh run.
+on Ctrl-C (the checkpoint stays: resume again); 1 when every client failed, as for a fresh run, or
+when the disk is full (one line naming the file; resume again once there is space).
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def main(argv: list[str]) -> int:
 
 
 def _resume(run_dir: Path, progress: bool) -> int:
-    from .checkpoint import CheckpointError, kept_rows, load
+    from .checkpoint import CheckpointError, disk_full_line, kept_rows, load
     from .outdir import OutputDirError, claim_output_dir
-    from .results import RunFileError
+    from .results import DiskFullError, RunFileError
     from ..scenario.schema import ScenarioError, load_scenario
     from ..world.build import checked_world
 
@@ -96,6 +97,9 @@ def _resume(run_dir: Path, progress: bool) -> int:
             return _fail(str(exc))
         except RunStopped as exc:  # every client failed, or the model diverged
             print(f"fedsim: error: {exc}; rounds so far are in {run_dir / 'metrics.jsonl'}", file=sys.stderr)
+            return 1
+        except DiskFullError as exc:  # every file as it was before the failed write: resume again
+            print(disk_full_line(exc, run_dir), file=sys.stderr)
             return 1
     print_table(summary, run_dir)
     return 0
