@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 import threading
 import time
 
@@ -73,6 +74,40 @@ class SleepingClient(CountingClient):
             time.sleep(120)
 
 
+LATE, LATE_TIMEOUT, LATE_BY = 1, 2.0, 0.5  # partition that answers LATE_BY s after engine.timeout_s in HANG_ROUND
+ONCE_KILLER = 0  # partition that kills its actor in HANG_ROUND, once (a marker file says it has)
+KILL_MARKER = os.path.join(tempfile.gettempdir(), "fedsim-tests-once-killer.marker")  # the actors see this path
+
+
+class LateClient(CountingClient):
+    """Trains, then holds the GIL in one C call (libc usleep through ctypes.PyDLL) until LATE_BY s
+    past the time-out: the actor can say nothing meanwhile, and its reply is ready at once after."""
+
+    def train(self, job) -> Upload:
+        started = time.monotonic()
+        upload = super().train(job)
+        if job.data.partition_id == LATE and job.settings.server_round == HANG_ROUND:
+            import ctypes
+
+            left = LATE_TIMEOUT + LATE_BY - (time.monotonic() - started)
+            ctypes.PyDLL(None).usleep(ctypes.c_uint(int(max(left, 0) * 1e6)))
+        return upload
+
+
+class OnceKillerClient(CountingClient):
+    """Kills its actor's process once (as an OOM kill or kill -9 would), wherever it runs: a batchmate
+    re-sent alone would succeed, and the death would leave no trace."""
+
+    def misbehave(self, job) -> None:
+        if job.data.partition_id == ONCE_KILLER and job.settings.server_round == HANG_ROUND:
+            try:
+                fd = os.open(KILL_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os._exit(3)
+
+
 class WaitingClient(CountingClient):
     """Hangs in HANG_ROUND until the server (ReleasingFedAvg, same process: inline) lets it go,
     then changes its Context, as a late call may: the Grid must never see that."""
@@ -97,7 +132,8 @@ class ReleasingFedAvg(FedAvgStrategy):
 
 def register_faulty() -> None:
     for name, client, server in (("killer", KillerClient, FedAvgStrategy), ("sleeper", SleepingClient, FedAvgStrategy),
-                                 ("waiter", WaitingClient, ReleasingFedAvg)):
+                                 ("waiter", WaitingClient, ReleasingFedAvg),
+                                 ("late", LateClient, FedAvgStrategy), ("once-killer", OnceKillerClient, FedAvgStrategy)):
         register_strategy(StrategySpec(name=f"faults-{name}", params=NoParams, client=client,
                                        server=lambda params, settings, server=server: server(settings)))
 
@@ -206,19 +242,48 @@ def test_a_client_no_node_can_host_is_refused_before_round_1(local_ray, tmp_path
 
 def test_ray_run_trains_on_when_an_actor_dies_every_round(local_ray, small_scenario, tmp_path):
     """Partition KILLER kills its actor's process in each of 10 rounds: every round the dead
-    actor is replaced, KILLER fails with the reason and everyone else trains."""
+    actor is replaced, KILLER fails with the reason and everyone else trains (but round 1's batchmate)."""
     rounds = 10
     scenario = small_scenario(train__rounds=rounds, strategy={"name": "faults-killer"})
     calls = _run(_ray_grid(scenario, num_actors=2), scenario, tmp_path)
 
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
-    assert all(r["participants"] == 3 and r["failures"] == 1 for r in rows), [(r["participants"], r["failures"])
-                                                                             for r in rows]
+    # Round 1: KILLER's batchmate dies with it (issue 21 (4): each lost call is a failure); from then
+    # on both run alone until they answer, so only KILLER fails.
+    assert [(r["participants"], r["failures"]) for r in rows] == [(2, 2)] + [(3, 1)] * (rounds - 1), rows
     killer = str(NODE_ID_BASE + KILLER)
     assert all(r["failure_reasons"][killer].startswith("ClientApp actor died: ") for r in rows)
+    assert all(v.startswith("ClientApp actor died: ") for v in rows[0]["failure_reasons"].values())
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.1, [r["accuracy"] for r in rows]
-    assert calls == {KILLER: 0, 1: rounds, 2: rounds, 3: rounds}  # a dead call's Context is never kept
+    mate = {int(n) - NODE_ID_BASE for n in rows[0]["failure_reasons"]} - {KILLER}
+    assert calls == {p: 0 if p == KILLER else rounds - (p in mate) for p in range(4)}  # a dead call's Context is never kept
+
+
+@pytest.fixture
+def kill_marker():
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(KILL_MARKER)
+    yield KILL_MARKER
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(KILL_MARKER)
+
+
+def test_an_actor_that_dies_holding_two_messages_fails_both(local_ray, small_scenario, tmp_path, kill_marker):
+    """Issue 21 (4): ONCE_KILLER's actor dies in HANG_ROUND while it holds ONCE_KILLER's message and a
+    batchmate's (num_actors 2, 4 clients: two per call). Each lost call is a failure naming the dead
+    actor (before: both were re-sent alone, succeeded, and the death left no trace); the run goes on."""
+    rounds = 3
+    scenario = small_scenario(train__rounds=rounds, strategy={"name": "faults-once-killer"})
+    calls = _run(_ray_grid(scenario, num_actors=2), scenario, tmp_path / "out")
+    assert os.path.exists(kill_marker)
+    rows = read_metrics(tmp_path / "out")
+    assert [(r["participants"], r["failures"]) for r in rows] == [(4, 0), (2, 2), (4, 0)], rows
+    reasons = rows[HANG_ROUND - 1]["failure_reasons"]
+    assert str(NODE_ID_BASE + ONCE_KILLER) in reasons and len(reasons) == 2, reasons
+    assert all(reason.startswith("ClientApp actor died: ") for reason in reasons.values()), reasons
+    lost = {int(node) - NODE_ID_BASE for node in reasons}
+    assert calls == {p: rounds - (p in lost) for p in range(4)}  # a dead call's Context is never kept
 
 
 def test_actors_that_cannot_start_fail_their_clients_and_the_run_stops(local_ray, small_scenario, tmp_path):
@@ -255,6 +320,20 @@ def test_ray_gives_up_a_hung_call_and_the_node_is_back_next_round(local_ray, sma
     assert rows[1]["failure_reasons"] == {hung: f"timeout: no reply within engine.timeout_s ({timeout:g} s)"}
     assert rows[1]["wall_s"] < timeout + 10
     assert calls == {0: 3, 1: 3, 2: 3, HUNG: 2}  # the given-up call's Context never came back
+
+
+def test_ray_counts_a_reply_after_the_timeout_as_a_timeout(local_ray, small_scenario, tmp_path):
+    """Issue 21 (4): LATE answers LATE_BY s after engine.timeout_s; that reply is a failure with reason
+    timeout, as a missing one is (before: kept as a success, the Grid waiting up to FINISHED_WAIT_S for it)."""
+    rounds = 3
+    scenario = small_scenario(train__rounds=rounds, strategy={"name": "faults-late"},
+                              engine={"timeout_s": LATE_TIMEOUT})
+    calls = _run(_ray_grid(scenario, num_actors=2), scenario, tmp_path)
+    rows, _ = _hung_rows(tmp_path, rounds)
+    late = str(NODE_ID_BASE + LATE)
+    assert [(r["participants"], r["failures"]) for r in rows] == [(4, 0), (3, 1), (4, 0)], rows
+    assert rows[1]["failure_reasons"] == {late: f"timeout: no reply within engine.timeout_s ({LATE_TIMEOUT:g} s)"}
+    assert calls[LATE] == rounds - 1  # the late call's Context never came back
 
 
 def test_inline_watchdog_times_a_hung_client_out_and_the_run_goes_on(small_scenario, tmp_path):

@@ -18,15 +18,19 @@ SuperLink would to long-lived actors, each hosting the unchanged ClientApp.
   process loads or partitions data (or pays for importing the libraries that do).
 - A ClientApp exception becomes an error reply inside the actor (``call_client``); an
   actor that dies (segfault, ``os._exit``, OOM kill) is always replaced by a fresh one and
-  its batch is sent again one message per call, so the message that kills an actor gets an
-  error reply and no other node loses its round. An actor that dies in its own start-up
+  every message it held fails with a reason naming the death (issue 21 (4): no lost call goes
+  unrecorded, none is silently sent again); which one killed it is unknown, so each of those
+  nodes runs alone until it answers again, and a node that kills its actor every round takes
+  no batchmates down after its first. An actor that dies in its own start-up
   (``setup`` raising, say) fails its batch with that reason at once: every round it is
   tried again, and a run whose every client fails stops after three rounds
   (``FailureWatch``). (Not Ray's own actor restart: a call sent before Ray notices the
   death would fail too.)
 - The round's timeout (``engine.timeout_s``, ``send_and_receive(timeout=)``): when it
   passes, each call still running is given up: the replies its actor finished so far are
-  kept (the actor answers ``finished`` on a second thread), the actor is killed and
+  kept (the actor answers ``finished`` on a second thread) if they were ready before the deadline
+  (each reply is stamped on the actor's clock; ``RayGrid._late``: a reply that may have come
+  after it is a timeout, never a success), the actor is killed and
   replaced, its nodes are free again and its unfinished messages, like those never
   dispatched, get no reply (``rounds.py`` records ``timeout``). A hung client, an actor
   that never got scheduled or a timeout too short for the work all end that way; the next
@@ -97,7 +101,7 @@ class ClientAppActor:
         if not await_world:
             self._world.set()
         self._world_error: BaseException | None = None
-        self._finished: list[tuple[Message, Context]] = []
+        self._finished: list[tuple[Message, Context, float]] = []
 
     def adopt(self, scenario_yaml: str, world) -> None:
         """Take the driver's world (from the object store) instead of building one here."""
@@ -110,7 +114,9 @@ class ClientAppActor:
         finally:
             self._world.set()
 
-    def run(self, calls: list[tuple[Message, Context]]) -> list[tuple[Message, Context]]:
+    def run(self, calls: list[tuple[Message, Context]]) -> tuple[list[tuple[Message, Context, float]], float]:
+        """Each message's (reply, Context, when it finished), and the time it returns: on this process's
+        monotonic clock, so the driver can tell which replies were ready before its deadline."""
         self._world.wait()
         self._finished = done = []  # a fresh list per call: ``finished`` never mixes two calls
         for msg, context in calls:
@@ -118,14 +124,16 @@ class ClientAppActor:
                 error = Error(code=ErrorCode.CLIENT_APP_CRASHED,
                               reason=f"ClientApp actor has no data: {type(self._world_error).__name__}: "
                                      f"{self._world_error}")
-                done.append((Message(error, reply_to=msg), None))
+                done.append((Message(error, reply_to=msg), None, time.monotonic()))
             else:
-                done.append((call_client(self.client_app, msg, context), context))
-        return done
+                reply = call_client(self.client_app, msg, context)
+                done.append((reply, context, time.monotonic()))
+        return done, time.monotonic()
 
-    def finished(self) -> list[tuple[Message, Context]]:
-        """What the running (or last) call has finished so far, for a batch the driver gives up on."""
-        return list(self._finished)
+    def finished(self) -> tuple[list[tuple[Message, Context, float]], float]:
+        """What the running (or last) call has finished so far, for a batch the driver gives up on
+        (stamped as ``run``'s are), and the time now."""
+        return list(self._finished), time.monotonic()
 
 
 class _Runner:
@@ -198,8 +206,9 @@ class RayGrid(SimulatedNodesGrid):
         self._free: deque = deque()
         self._pending: deque[tuple[str, Message]] = deque()
         self._in_flight: dict = {}  # ObjectRef -> (actor, [(message id, message), ...])
-        self._alone: set[str] = set()  # ids of messages that were in a batch whose actor died
-        self._lethal: set[int] = set()  # nodes whose last call killed its actor: they run alone
+        self._lethal: set[int] = set()  # nodes whose last call died with its actor: they run alone
+        self._deadline: float | None = None  # send_and_receive's, for the messages _deadline_ids
+        self._deadline_ids: set[str] = set()
         self._busy_nodes: set[int] = set()
         self._starting: dict = {}  # ObjectRef of __ray_ready__ -> an actor that is still starting
 
@@ -337,16 +346,32 @@ class RayGrid(SimulatedNodesGrid):
             for ref in ready:
                 del self._starting[ref]
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._in_flight and not all(mid in self._replies for mid in ids):
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            self._collect(timeout=left)
-        missing = {mid for mid in ids if mid not in self._replies}
-        if missing:  # the deadline passed (or nothing can run them): give them up
-            self._collect(timeout=0)
-            self._give_up({mid for mid in missing if mid not in self._replies})
+        self._deadline, self._deadline_ids = deadline, set(ids)
+        try:
+            while self._in_flight and not all(mid in self._replies for mid in ids):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._collect(timeout=left)
+            missing = {mid for mid in ids if mid not in self._replies}
+            if missing:  # the deadline passed (or nothing can run them): give them up
+                self._collect(timeout=0)
+                self._give_up({mid for mid in missing if mid not in self._replies})
+        finally:
+            self._deadline, self._deadline_ids = None, set()
         return self.pull_messages(ids)
+
+    def _late(self, mid: str, finished_at: float | None, actor_now: float, seen_at: float) -> bool:
+        """Whether a reply the actor finished at ``finished_at`` (its clock, which read ``actor_now`` when
+        it sent the list) may have been ready only after the deadline, the list being seen here at
+        ``seen_at``. ``actor_now`` came before ``seen_at``, so a reply finished more than
+        ``seen_at - deadline`` before ``actor_now`` was surely in time; any other is late: no reply
+        (``rounds.py`` records ``timeout``), its Context dropped. (Never trusts the two processes'
+        clocks to agree: only differences on each are compared.) ``None``: a reply made here, in time."""
+        deadline = self._deadline
+        if deadline is None or finished_at is None or mid not in self._deadline_ids or seen_at <= deadline:
+            return False
+        return finished_at > actor_now - (seen_at - deadline)
 
     # ------------------------------------------------------------------ the pool
     def _give_up(self, ids: set[str]) -> None:
@@ -360,31 +385,35 @@ class RayGrid(SimulatedNodesGrid):
         if not ids:
             return
         self._pending = deque((mid, msg) for mid, msg in self._pending if mid not in ids)
-        self._alone -= ids
         stuck = {ref: entry for ref, entry in self._in_flight.items() if any(mid in ids for mid, _ in entry[1])}
         if not stuck:
             return
         asks = {ref: actor.finished.remote() for ref, (actor, _) in stuck.items()}
-        ready, _ = ray.wait(list(asks.values()), num_returns=len(asks), timeout=FINISHED_WAIT_S)
-        ready = set(ready)
+        seen: dict = {}  # ask -> when its answer was seen here (each its own: _late's bound stays tight)
+        waiting, until = list(asks.values()), time.monotonic() + FINISHED_WAIT_S
+        while waiting and (left := until - time.monotonic()) > 0:
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            now = time.monotonic()
+            seen.update((ask, now) for ask in ready)
         retry = []
         for ref, (actor, batch) in stuck.items():
             del self._in_flight[ref]
-            finished = []
-            if asks[ref] in ready:
+            finished, actor_now = [], 0.0
+            if asks[ref] in seen:
                 try:
-                    finished = ray.get(asks[ref])
+                    finished, actor_now = ray.get(asks[ref])
                 except ray.exceptions.RayError:  # died meanwhile: nothing of it is kept
                     finished = []
             if len(finished) > len(batch):  # not this call's list (cannot happen: one call at a time)
                 finished = []
-            for (mid, msg), (reply, context) in zip(batch, finished):
+            for (mid, msg), (reply, context, finished_at) in zip(batch, finished):
+                if self._late(mid, finished_at, actor_now, seen[asks[ref]]):
+                    continue  # ready only after the deadline: a timeout, as if it never came
                 if context is not None:
                     self.contexts[msg.metadata.dst_node_id] = context
                 self._replies[mid] = reply
             for mid, msg in batch:
                 self._busy_nodes.discard(msg.metadata.dst_node_id)
-                self._alone.discard(mid)
                 if mid not in self._replies and mid not in ids:
                     retry.append((mid, msg))
             self._free.append(self._replace(actor))
@@ -399,7 +428,7 @@ class RayGrid(SimulatedNodesGrid):
             while self._pending and len(batch) < share:
                 mid, msg = self._pending.popleft()
                 node = msg.metadata.dst_node_id
-                alone = mid in self._alone or node in self._lethal
+                alone = node in self._lethal
                 if node in self._busy_nodes or (batch and alone):
                     skipped.append((mid, msg))
                     continue
@@ -424,42 +453,40 @@ class RayGrid(SimulatedNodesGrid):
         done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
         if done:  # take everything else that is already finished too
             done, _ = ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=0)
+        seen_at = time.monotonic()  # every call in ``done`` had returned by now
         for ref in done:
             actor, batch = self._in_flight.pop(ref)
+            actor_now = 0.0
             try:
-                results = ray.get(ref)
+                results, actor_now = ray.get(ref)
             except ray.exceptions.RayActorError as exc:  # the actor process died during (or before) this call
                 self._free.append(self._replace(actor))
-                for _, msg in batch:
-                    self._busy_nodes.discard(msg.metadata.dst_node_id)
-                init_failed = getattr(exc, "actor_init_failed", False)
-                if len(batch) > 1 and not init_failed:  # which one killed it is unknown: run each alone
-                    self._alone.update(mid for mid, _ in batch)
-                    self._pending.extendleft(reversed(batch))
-                    continue
-                # One message that killed its actor, or an actor that never started (no message
-                # is to blame, and a fresh actor would die the same way): each fails with the reason.
-                if not init_failed:  # next time that node runs alone: it takes no batchmates down
-                    self._lethal.add(batch[0][1].metadata.dst_node_id)
-                if init_failed:  # Ray's text ends with the start-up's own exception line
+                # Every message it held is lost with it and fails naming the death (its finished
+                # replies died with the process; none is sent again, so no death goes unrecorded).
+                # Which one killed it is unknown: each of its nodes runs alone until it answers again,
+                # so the killer takes no batchmates down next time. An actor that never started fails
+                # its batch with the start-up's reason (a fresh actor would die the same way).
+                if getattr(exc, "actor_init_failed", False):  # Ray's text ends with the start-up's exception line
                     reason = f"ClientApp actor could not start: {_last_line(exc)}"
                 else:
+                    self._lethal.update(msg.metadata.dst_node_id for _, msg in batch)
                     reason = f"ClientApp actor died: {type(exc).__name__}: {_first_line(exc)}"
-                results = [(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg), None)
+                results = [(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg), None, None)
                            for _, msg in batch]
             except ray.exceptions.RayError as exc:  # the call itself failed (e.g. a Context that won't unpickle)
                 self._free.append(actor)
                 reason = f"ClientApp call failed: {type(exc).__name__}: {_first_line(exc)}"
-                results = [(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg), None)
+                results = [(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=msg), None, None)
                            for _, msg in batch]
             else:
                 self._free.append(actor)
-            for (mid, msg), (reply, context) in zip(batch, results):
+            for (mid, msg), (reply, context, finished_at) in zip(batch, results):
                 node = msg.metadata.dst_node_id
+                self._busy_nodes.discard(node)
+                if self._late(mid, finished_at, actor_now, seen_at):
+                    continue  # ready only after the deadline: a timeout, as if it never came
                 if context is not None:
                     self.contexts[node] = context
                     self._lethal.discard(node)
                 self._replies[mid] = reply
-                self._busy_nodes.discard(node)
-                self._alone.discard(mid)
         self._dispatch()
