@@ -287,3 +287,25 @@ def test_a_state_that_does_not_pickle_runs_on_without_checkpoints(tmp_path, caps
     _interrupted(raw, tmp_path / "cut", at=2, monkeypatch=monkeypatch)
     assert "no checkpoints for this run" in _one_line(capsys)
     assert not (tmp_path / "cut" / checkpoint.CHECKPOINT).exists()
+
+
+def test_resume_finishes_what_a_kill_after_the_summary_left_undone(tmp_path, capsys):
+    """A kill between summary.json and the plot left a complete run without its plot and with a stale
+    checkpoint: resume draws the plot from metrics.jsonl and removes the checkpoint (issue 21 item 10)."""
+    raw = small_raw(train__rounds=2, output__plot=True)
+    run_dir = tmp_path / "run"
+    run_scenario(parse_scenario(raw), run_dir, progress=False)
+    drawn = (run_dir / "accuracy.png").read_bytes()
+    summary, metrics = (run_dir / "summary.json").read_text(), (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "accuracy.png").unlink()
+    (run_dir / checkpoint.CHECKPOINT).write_bytes(b"stale")
+    capsys.readouterr()
+    assert resume_main([str(run_dir)]) == 0
+    line = _one_line(capsys)
+    assert "already complete" in line and "accuracy.png" in line and "stale" in line, line
+    assert (run_dir / "accuracy.png").read_bytes()[:8] == drawn[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run_dir / checkpoint.CHECKPOINT).exists()
+    assert (run_dir / "summary.json").read_text() == summary and (run_dir / "metrics.jsonl").read_text() == metrics
+    capsys.readouterr()
+    assert resume_main([str(run_dir)]) == 0
+    assert "nothing to do" in _one_line(capsys)

@@ -92,6 +92,13 @@ class ResultsWriter:
         atomic_write(self.dir / "scenario.yaml", scenario_yaml)
         atomic_write(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
+    @classmethod
+    def reopen(cls, out_dir: str | Path, rows: list[dict[str, Any]]) -> "ResultsWriter":
+        """The writer of a finished run's folder, to draw what it did not (nothing is rewritten)."""
+        writer = cls.__new__(cls)
+        writer.dir, writer.rows = Path(out_dir), list(rows)
+        return writer
+
     def add_round(self, row: dict[str, Any]) -> None:
         row = _clean(row)
         path = self.dir / "metrics.jsonl"

@@ -50,7 +50,12 @@ def main(argv: list[str]) -> int:
             read_json_object(run_dir / "summary.json")
         except RunFileError as exc:
             return _fail(str(exc))
-        print(f"fedsim: {run_dir} is already complete (summary.json exists); nothing to do", file=sys.stderr)
+        try:
+            finished = _finish_outputs(run_dir)
+        except (RunFileError, OSError) as exc:
+            return _fail(str(exc))
+        done = f"finished its outputs ({', '.join(finished)})" if finished else "nothing to do"
+        print(f"fedsim: {run_dir} is already complete (summary.json exists); {done}", file=sys.stderr)
         return 0
     try:
         return _resume(run_dir, progress=not args.quiet)
@@ -58,6 +63,35 @@ def main(argv: list[str]) -> int:
         print(f"fedsim: interrupted; rounds completed so far are in {run_dir / 'metrics.jsonl'}; continue with "
               f"`python -m fedsim resume {run_dir}`", file=sys.stderr)
         return 130
+
+
+def _finish_outputs(run_dir: Path) -> list[str]:
+    """What a kill between summary.json and the end of the run left undone: the plots the scenario asks for
+    (from metrics.jsonl and audit.jsonl, as the run draws them) and the removal of its stale checkpoint.
+    Returns what was done."""
+    from .checkpoint import CHECKPOINT
+    from .results import ResultsWriter, read_jsonl, read_metrics
+    from ..scenario.schema import ScenarioError, load_scenario
+
+    done = []
+    try:
+        plot = load_scenario(run_dir / "scenario.yaml").output.plot
+    except ScenarioError:
+        plot = False  # a scenario that no longer validates: no plots to promise
+    if plot:
+        writer = ResultsWriter.reopen(run_dir, read_metrics(run_dir))
+        if writer.rows and not (run_dir / "accuracy.png").is_file():
+            writer.plot_accuracy()
+            done.append("accuracy.png")
+        audit = run_dir / "audit.jsonl"
+        rows = read_jsonl(audit) if audit.is_file() else []
+        if rows and writer.rows and not (run_dir / "audit_psnr.png").is_file():
+            writer.plot_audit(rows)
+            done.append("audit_psnr.png")
+    if (run_dir / CHECKPOINT).is_file():
+        (run_dir / CHECKPOINT).unlink()
+        done.append(f"removed the stale {CHECKPOINT}")
+    return done
 
 
 def _resume(run_dir: Path, progress: bool) -> int:
