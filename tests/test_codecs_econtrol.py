@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,8 @@ from strategies.compression import CodecContext, get_codec
 from strategies.compression.econtrol import STATE, EControlCodec, EControlParams
 from strategies.records import to_record, to_torch
 from tests.conftest import small_raw
+from tests.test_resume import _killed
+from tests.test_resume import _metrics as resumed_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"w": (24, 10), "b": (10,), "v": (10, 3)}  # three float layers (sign: one scale each) ...
@@ -202,27 +202,11 @@ def test_an_econtrol_run_killed_and_resumed_ends_as_the_run_left_alone(tmp_path)
     raw = small_raw(upload={"codec": "econtrol", "inner": "topk", "ratio": 0.1, "eta": 0.5}, train__rounds=12,
                     train__participation=0.5)
     run_scenario(parse_scenario(raw), tmp_path / "alone", progress=False)
-    path, out = tmp_path / "scenario.yaml", tmp_path / "killed"
-    path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "fedsim", str(path), "--out", str(out), "--quiet"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not ((out / "metrics.jsonl").exists() and len(_metrics(out)) >= 3):
-            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
-    assert not (out / "summary.json").exists() and len(_metrics(out)) < 12
+    out = _killed(raw, tmp_path, rows=3)
     resumed = subprocess.run([sys.executable, "-m", "fedsim", "resume", str(out), "--quiet"], cwd=REPO,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    wall = ("wall_s", "elapsed_s")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in wall} for r in rows]  # noqa: E731
-    assert strip(_metrics(out)) == strip(_metrics(tmp_path / "alone"))
+    assert resumed_metrics(out) == resumed_metrics(tmp_path / "alone")  # wall times left out
 
 
 def test_the_audit_row_says_the_server_saw_an_estimate(tmp_path, monkeypatch, one_torch_thread):

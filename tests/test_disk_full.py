@@ -21,18 +21,8 @@ from fedsim.run import checkpoint, results
 from fedsim.run.results import read_metrics
 from fedsim.scenario import parse_scenario
 from tests.conftest import small_raw
+from tests.test_resume import _metrics, _summary  # metrics and summary without wall times
 
-WALL = ("wall_s", "elapsed_s")
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in WALL} for r in read_metrics(out)]
-
-
-def _summary(out: Path) -> dict:
-    summary = json.loads((out / "summary.json").read_text())
-    summary.pop("wall_s")
-    return summary
 
 
 def _one_line(err: str) -> str:
