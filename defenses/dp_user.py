@@ -188,7 +188,7 @@ class FlowerUserDP(Defense):
     def check(cls, params: DpUserParams, scenario: Any, at: tuple[str, ...]) -> None:
         """Flower's accounted wrappers need FedAvg's own aggregation and a fixed sample size; client-side
         clipping clips the reply's ``arrays``, which an upload codec replaces."""
-        from strategies import get_strategy
+        from strategies import get_strategy, strategy_names
         from strategies.base import fixed_sample_size
         from strategies.rules import RuleViolation
 
@@ -197,8 +197,9 @@ class FlowerUserDP(Defense):
                                 "(Flower's fixedclipping_mod); use clipping: server with an upload codec")
         strategy = scenario.strategy.name
         if not get_strategy(strategy).uses_flower_aggregation():
+            fedavg_like = ", ".join(n for n in strategy_names() if get_strategy(n).uses_flower_aggregation())
             raise RuleViolation((*at, "name"), f"dp_user (Flower's DP strategy wrapper) needs a strategy that "
-                                f"aggregates with Flower's FedAvg.aggregate_train (fedavg, fedprox); {strategy} "
+                                f"aggregates with Flower's FedAvg.aggregate_train ({fedavg_like}); {strategy} "
                                 f"has its own rule")
         if scenario.train.sampling != "fixed":
             raise RuleViolation(("train", "sampling"), "dp_user's accountant needs a fixed number of clients "

@@ -195,6 +195,9 @@ class StrategySpec:
     # Whether its local step is the trainer's plain ``run`` (one loss, one gradient a step), which an
     # in-training defense can privatise per sample (DP-SGD); False for steps with extra gradients.
     plain_local_step: bool = True
+    # The rules it imposes on the rest of the scenario (raises strategies.rules.RuleViolation), as codecs
+    # and defenses state theirs: (params, scenario, key path of the strategy block).
+    check: Callable[[BaseModel, Any, tuple[str, ...]], None] | None = None
 
     def uses_flower_aggregation(self) -> bool:
         """Whether the server aggregates with Flower's own ``FedAvg.aggregate_train`` (what Flower's

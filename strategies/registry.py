@@ -1,4 +1,5 @@
-"""Strategies by name. A new strategy is one module with a ``SPEC`` plus one line here."""
+"""Strategies by name. A new strategy is one module with a ``SPEC`` plus one line here; one of Flower's
+own classes is one line in ``strategies.flower.FLOWER_CLASSES``."""
 
 from __future__ import annotations
 
@@ -13,20 +14,28 @@ _MODULES = {
     "fedspeed": "strategies.fedspeed",
     "fedce": "strategies.fedce",
     "fedimpro": "strategies.fedimpro",
+    "qfedavg": "strategies.qfedavg",
 }
 _EXTRA: dict[str, StrategySpec] = {}
 
 
+def _flower_specs() -> dict[str, StrategySpec]:
+    return importlib.import_module("strategies.flower").SPECS
+
+
 def strategy_names() -> list[str]:
-    return sorted({*_MODULES, *_EXTRA})
+    return sorted({*_MODULES, *_flower_specs(), *_EXTRA})
 
 
 def get_strategy(name: str) -> StrategySpec:
     if name in _EXTRA:
         return _EXTRA[name]
-    if name not in _MODULES:
+    if name in _MODULES:
+        return importlib.import_module(_MODULES[name]).SPEC
+    flower = _flower_specs()
+    if name not in flower:
         raise KeyError(f"unknown strategy {name!r}; choose one of {', '.join(strategy_names())}")
-    return importlib.import_module(_MODULES[name]).SPEC
+    return flower[name]
 
 
 def register_strategy(spec: StrategySpec) -> None:

@@ -459,7 +459,7 @@ class Scenario(_Strict):
         except KeyError as exc:
             raise _PathError(("strategy", "name"), str(exc.args[0])) from None
         try:
-            spec.params(**self.strategy.params())
+            params = spec.params(**self.strategy.params())
         except ValidationError as exc:
             err = exc.errors()[0]
             if err["type"] == "extra_forbidden":
@@ -467,6 +467,13 @@ class Scenario(_Strict):
                 raise _PathError(("strategy", *map(str, err["loc"])),
                                  f"unknown key for {self.strategy.name}; allowed: {allowed}") from None
             raise _PathError(("strategy", *map(str, err["loc"])), _describe(err)) from None
+        if spec.check is not None:  # the rules the strategy imposes on the rest of the scenario
+            from strategies.rules import RuleViolation
+
+            try:
+                spec.check(params, self, ("strategy",))
+            except RuleViolation as exc:
+                raise _PathError(exc.loc, exc.msg) from None
         return self
 
     def strategy_params(self) -> BaseModel:
