@@ -23,8 +23,9 @@ so the audit replays it exactly, DP-SGD can privatise it, and every codec and up
 Flower's DP strategy wrappers need ``FedAvg.aggregate_train``, which none of these keeps
 (``StrategySpec.uses_flower_aggregation``): ``dp_user`` refuses them at validation.
 
-Note: FedAdam, FedYogi and FedAdagrad return float64 arrays (NumPy 2 promotes their float32 model by the
-float64 step size), so from round 2 the global model travels, and is metered, at twice the bytes.
+Note: FedAdam and QFedAvg return float64 arrays (NumPy 2 promotes the float32 model by a float64 scalar:
+FedAdam's bias-corrected ``eta_norm``, q-FedAvg's ``sum_h``), so from round 2 the global model travels,
+and is metered, at twice the bytes, as it would under Flower.
 """
 
 from __future__ import annotations
