@@ -17,7 +17,7 @@ from strategies.compression import codec_names
 from tests.conftest import small_raw
 
 CODECS = [c for c in codec_names() if c != "none"]
-STRATEGIES = ["fedavg", "fedprox", "scaffold", "fedspeed", "fedce", "fedimpro"]
+STRATEGIES = ["fedavg", "fedprox", "scaffold", "fedspeed", "fedce", "fedimpro", "fedadam", "fedmedian", "qfedavg"]
 RATIO = 0.05
 
 

@@ -10,7 +10,7 @@ from tests.conftest import small_raw
 ray = pytest.importorskip("ray")
 
 
-@pytest.mark.parametrize("name", ["scaffold", "fedspeed", "fedce", "fedimpro"])
+@pytest.mark.parametrize("name", ["scaffold", "fedspeed", "fedce", "fedimpro", "fedadam", "qfedavg"])
 def test_stateful_strategies_match_across_engines(tmp_path, local_ray, name):
     """Rounds 2-3 depend on state written in earlier rounds (c_i, h_i, last model, estimates),
     by clients that skip rounds: any state lost or forked in an actor changes the metrics."""
