@@ -57,6 +57,8 @@ from .targets import audited_round, auto_attack, choose_targets, query_batch
 class AuditObserver(RoundObserver):
     """Builds each audited round's attack jobs on the server and runs them in a worker."""
 
+    state_key = "audit"
+
     def __init__(self, scenario: Scenario, world: World, grid: Grid, out_dir: str | Path, timeout: float,
                  ground_truth: bool = True, query_config: Callable[[int], dict[str, Any]] | None = None):
         """``ground_truth``: the server process can re-derive clients' data (fedsim's own engines);
@@ -220,13 +222,13 @@ class AuditObserver(RoundObserver):
             atomic_write(self.dir / "audit.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     # ------------------------------------------------------------------ checkpoint (fedsim.run.checkpoint)
-    def checkpoint_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The finished rows and the jobs still in flight, taken together (a job that finishes meanwhile
         is in one or the other, never both), and who is which node."""
         with self._lock:
             return {"rows": list(self.rows), "pending": list(self._pending.values()), "node_of": dict(self.node_of)}
 
-    def resume(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: its rows (audit.jsonl rewritten to them: rows of later rounds,
         written before the kill, are redone with those rounds) and its unfinished jobs, submitted again
         (attacks are seeded: the rows are those the jobs would have given)."""

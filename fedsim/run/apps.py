@@ -225,17 +225,12 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
              if scenario.audit != "none" else None)
 
     failures = FailureWatch()
-    if ckpt is not None:
-        evaluation.initial = ckpt.observers["evaluation"]
-        failures.reasons, failures.streak = ckpt.observers["failures"]
-        if audit is not None:
-            audit.resume(ckpt.observers["audit"])
+    observers: list = []  # the round's observers, in order (below)
 
     def server_state(record) -> dict:  # what the checkpoint holds beyond node states (fedsim.run.checkpoint)
         return {"arrays": record.arrays,
                 "server": {"strategy": strategy, "running": running, "defenses": defenses, "codec": codec},
-                "observers": {"evaluation": evaluation.initial, "failures": (failures.reasons, failures.streak),
-                              "audit": audit.checkpoint_state() if audit else None}}
+                "observers": {o.state_key: o.state_dict() for o in observers if o.state_key}}
 
     # Only an engine of fedsim's own holds the nodes' Context.state; under `flwr run` it lives on the
     # SuperNodes, out of a server checkpoint's reach, so a deployed run writes none.
@@ -245,10 +240,14 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     if checkpointer is not None and ckpt is not None:
         checkpointer.resume_from(ckpt)
     with RoundProgress(scenario.train.rounds, enabled=progress, completed=first_round - 1) as bar:
-        observers = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
-                     *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
-                     *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar), failures,
-                     *([checkpointer] if checkpointer else [])]  # last: after every observer saw the round
+        observers[:] = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
+                        *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
+                        *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar), failures,
+                        *([checkpointer] if checkpointer else [])]  # last: after every observer saw the round
+        if ckpt is not None:  # each observer's state as the checkpoint left it (the audit resubmits its jobs)
+            for observer in observers:
+                if observer.state_key and observer.state_key in ckpt.observers:
+                    observer.load_state_dict(ckpt.observers[observer.state_key])
         try:
             run_rounds(running, metered, codec, arrays, scenario.train.rounds, scenario.engine.timeout_s,
                        observers, ConfigRecord(train_config), first_round=first_round)

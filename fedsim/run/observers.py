@@ -38,9 +38,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 class CentralEvaluation(RoundObserver):
     """Accuracy and loss of the global model on the central test split (round 0 too)."""
 
+    state_key = "evaluation"
+
     def __init__(self, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor):
         self.model, self.x, self.y = model, x_test, y_test
         self.initial: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.initial)  # the round-0 evaluation summary.json reports
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.initial = dict(state)
 
     def _evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         self.model.load_state_dict(to_torch(arrays))
@@ -142,10 +150,19 @@ class FailureWatch(RoundObserver):
     break every client, e.g. an lr that overflows, would otherwise give an exit-0 run that never
     trained). Runs after the results writer, so the rounds that failed are on disk."""
 
+    state_key = "failures"
+
     def __init__(self, patience: int = ALL_FAILED_ROUNDS, stream: TextIO | None = None):
         self.patience, self.stream = patience, stream
         self.reasons: dict[str, int] = {}
         self.streak = 0
+
+    def state_dict(self) -> tuple[dict[str, int], int]:
+        return dict(self.reasons), self.streak
+
+    def load_state_dict(self, state: tuple[dict[str, int], int]) -> None:
+        reasons, self.streak = state
+        self.reasons = dict(reasons)
 
     def on_round(self, record: RoundRecord) -> None:
         for node in record.failures:

@@ -110,12 +110,24 @@ def _finite(array) -> bool:
 
 
 class RoundObserver:
-    """Sees the initial arrays, every round, and the end of the run. Override what you need."""
+    """Sees the initial arrays, every round, and the end of the run. Override what you need.
+
+    An observer whose state the next round depends on names it ``state_key`` and gives it as
+    ``state_dict`` (picklable); the checkpoint keeps it under that key and a resumed run hands it
+    back to ``load_state_dict``, so checkpoint and resume need no code per observer."""
+
+    state_key: str | None = None  # set by observers with state (unique in a run)
 
     def on_start(self, arrays: ArrayRecord) -> None:
         pass
 
     def on_round(self, record: RoundRecord) -> None:
+        pass
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
         pass
 
 
