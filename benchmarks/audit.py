@@ -35,9 +35,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, this folder comes first on sys.path, and benchmarks/attacks.py would shadow
-# the attacks package for this process and the worker it spawns.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def scenario(engine: str, actors: int | None, audit: bool) -> dict:

@@ -253,8 +253,7 @@ def run_flower(rounds: int) -> None:
 
 def run_ckpt(rounds: int) -> None:
     """W1 inline, as `python -m fedsim` runs it, with every checkpoint write timed."""
-    # This script's folder comes first on sys.path, and its defenses.py would shadow the package.
-    sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+    sys.path.insert(0, str(REPO))
     import torch
 
     from fedsim.run import checkpoint

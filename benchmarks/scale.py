@@ -21,9 +21,12 @@ end of the run (what stays: data, client splits, node contexts; the peak also ho
 data generator's temporaries). Sizes run in turn, ``--repeat`` times; the table shows the
 median of each figure (the first process after a pause is slower; repeats hide that).
 
-Target (issue 8): a 100,000-client run costs at most 1.5x the 1,000-client run, and its
-memory is dominated by the data.
-Usage: python benchmarks/scale.py [--clients 1000,10000,100000] [--repeat 3] [--partition iid] [--val-fraction 0.1]
+Targets: a 100,000-client run costs at most 1.5x the 1,000-client run, and its memory is dominated by
+the data (issue 8); a 1,000,000-client run on 2,000,000 samples (``--clients 1000,1000000 --train
+2000000``) costs at most 2x the 1,000-client run on the same data and stays under 4 GB resident
+(issue 23; measured 2026-12-07 on 2 loaded CPUs: 1.10x, peak 1,782 MB for 504 MB of data).
+Usage: python benchmarks/scale.py [--clients 1000,10000,100000] [--train 200000] [--repeat 3] [--partition iid]
+       [--val-fraction 0.1]
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ PER_ROUND = 100
 CLIENTS = (1_000, 10_000, 100_000)
 
 
-def scenario_raw(num_clients: int, partition: str, val_fraction: float) -> dict:
+def scenario_raw(num_clients: int, partition: str, val_fraction: float, train: int = TRAIN) -> dict:
     return {
         "name": f"scale-{num_clients}", "seed": SEED,
         "data": {"dataset": "synthetic", "num_clients": num_clients, "val_fraction": val_fraction,
                  "partition": {"name": partition},
-                 "synthetic": {"classes": 10, "channels": 1, "size": SIZE, "train": TRAIN, "test": TEST}},
+                 "synthetic": {"classes": 10, "channels": 1, "size": SIZE, "train": train, "test": TEST}},
         "model": {"name": "mlp", "hidden": [64]},
         "strategy": {"name": "fedavg"},
         "train": {"rounds": 1, "local_epochs": 1, "batch_size": 32, "lr": 0.05,
@@ -75,14 +78,14 @@ def rss_now_mb() -> float:
 # ----------------------------------------------------------------------------- child
 
 
-def run_child(num_clients: int, partition: str, val_fraction: float, out: Path) -> None:
+def run_child(num_clients: int, partition: str, val_fraction: float, train: int, out: Path) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedsim.engines import run_scenario
     from fedsim.scenario import parse_scenario
     from fedsim.world import world_from_text
 
     base_mb = max_rss_mb()
-    scenario = parse_scenario(scenario_raw(num_clients, partition, val_fraction))
+    scenario = parse_scenario(scenario_raw(num_clients, partition, val_fraction, train))
     t0 = time.perf_counter()
     world = world_from_text(scenario.to_yaml())
     build_s = time.perf_counter() - t0
@@ -98,11 +101,11 @@ def run_child(num_clients: int, partition: str, val_fraction: float, out: Path) 
 # ----------------------------------------------------------------------------- parent
 
 
-def spawn(num_clients: int, partition: str, val_fraction: float, tmp: Path) -> dict:
+def spawn(num_clients: int, partition: str, val_fraction: float, train: int, tmp: Path) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, __file__, "--child", str(num_clients), "--partition", partition,
-           "--val-fraction", str(val_fraction), "--out", str(tmp / f"out-{num_clients}")]
+           "--val-fraction", str(val_fraction), "--train", str(train), "--out", str(tmp / f"out-{num_clients}")]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -119,24 +122,26 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="processes per size; the table shows medians")
     ap.add_argument("--partition", default="iid", help="data.partition.name (default iid)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--train", type=int, default=TRAIN, help=f"training samples (default {TRAIN:,}; the "
+                    "million-client case: --clients 1000,1000000 --train 2000000)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child is not None:
-        return run_child(args.child, args.partition, args.val_fraction, args.out)
+        return run_child(args.child, args.partition, args.val_fraction, args.train, args.out)
 
     sizes = [int(c) for c in args.clients.split(",") if c]
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
             for n in sizes:
-                runs[n].append(spawn(n, args.partition, args.val_fraction, Path(tmp)))
+                runs[n].append(spawn(n, args.partition, args.val_fraction, args.train, Path(tmp)))
                 print(f"  {n:7d} clients {runs[n][-1]['wall']:6.1f} s", file=sys.stderr, flush=True)
     results = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
 
     ref = results[sizes[0]]
-    print(f"\nScale: synthetic {TRAIN:,} x {SIZE}x{SIZE}x1, {args.partition}, val_fraction {args.val_fraction}, "
+    print(f"\nScale: synthetic {args.train:,} x {SIZE}x{SIZE}x1, {args.partition}, val_fraction {args.val_fraction}, "
           f"{PER_ROUND} clients/round, 1 round, MLP {SIZE * SIZE}-64-10, inline, {os.cpu_count()} CPUs, "
           f"median of {args.repeat}")
     print(f"{'clients':>8s} {'wall s':>7s} {'x ref':>6s} {'build s':>8s} {'x ref':>6s} {'round s':>8s} "
@@ -151,9 +156,11 @@ def main() -> None:
           "after imports; data: the data set's tensors.")
     big = results[sizes[-1]]
     ratio = big["wall"] / ref["wall"]
-    print(f"{sizes[-1]:,}/{sizes[0]:,} wall = {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'MISSED'}); "
+    target = 2.0 if sizes[-1] >= 1_000_000 else 1.5
+    print(f"{sizes[-1]:,}/{sizes[0]:,} wall = {ratio:.2f} (target <= {target}: {'met' if ratio <= target else 'MISSED'}); "
           f"peak above imports {big['peak_mb'] - big['base_mb']:.0f} MB, at the end "
-          f"{big['end_mb'] - big['base_mb']:.0f} MB, for {big['data_mb']:.0f} MB of data")
+          f"{big['end_mb'] - big['base_mb']:.0f} MB, for {big['data_mb']:.0f} MB of data; peak resident "
+          f"{big['peak_mb']:.0f} MB (target < 4096 MB: {'met' if big['peak_mb'] < 4096 else 'MISSED'})")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class DpSgdParams(BaseModel):
     # ghost (Opacus's fast gradient clipping, Li et al. ICLR 2022) computes only their norms,
     # exactly, for Linear and Embedding layers (other layers fall back to per-sample gradients),
     # then backpropagates the loss once more, each sample's term scaled by its clipping factor.
-    # ew is the default: the fastest round measured on W1 and LeNet (benchmarks/defenses.py,
+    # ew is the default: the fastest round measured on W1 and LeNet (benchmarks/dp_sgd_cost.py,
     # README "DP-SGD cost"; ghost's steps are cheaper on W1 alone, its rounds were not).
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "ew"
 

@@ -213,3 +213,12 @@ def test_strategies_and_defenses_stay_below_the_run():
            for m in SOURCES if m.split(".")[0] in ("strategies", "defenses")}
     bad = {m: t for m, t in bad.items() if t}
     assert not bad, f"strategies/defenses import fedsim's run layers: {bad}"
+
+
+def test_no_script_folder_shadows_a_package():
+    """A script run as ``python benchmarks/X.py`` has its folder first on sys.path: a benchmarks/defenses.py
+    made ``import defenses`` (which the scenario schema does) load the benchmark instead of the package."""
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    for folder in ("benchmarks", "experiments"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert path.stem not in packages, f"{path.relative_to(ROOT)} shadows the {path.stem} package"

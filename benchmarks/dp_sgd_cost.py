@@ -18,7 +18,7 @@ Also, per mode, whether Opacus's per-sample gradients are exact: the largest dif
 per-sample gradients taken one sample at a time (plain autograd) on one batch.
 
 Targets (issue 10): dp / opacus <= 1.2 (fedsim adds nothing) and dp / plain <= 3.
-Usage: python benchmarks/defenses.py [--rounds 6] [--repeat 3] [--modes hooks,functorch,ew,ghost] [--workloads W1,LeNet]
+Usage: python benchmarks/dp_sgd_cost.py [--rounds 6] [--repeat 3] [--modes hooks,functorch,ew,ghost] [--workloads W1,LeNet]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402

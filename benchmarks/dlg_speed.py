@@ -12,7 +12,7 @@ Reported per method: L-BFGS steps per second, model forward passes (closure call
 second, success rate (PSNR >= 30 dB within the run), median and range of the time to
 first reach 30 dB (PSNR measured after every step, outside the timed region). A run
 stops when it reaches 30 dB, diverges (NaN, or the whole budget is spent).
-Not a test: ``python benchmarks/attacks.py [--seeds 10] [--steps 300] [--json FILE]``.
+Not a test: ``python benchmarks/dlg_speed.py [--seeds 10] [--steps 300] [--json FILE]``.
 """
 
 from __future__ import annotations
