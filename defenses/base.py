@@ -105,6 +105,16 @@ class ClientDefense:
         return {}
 
 
+@dataclass(frozen=True)
+class UpdateBound:
+    """How a defense bounds each client's update in the server's aggregate, for the empirical privacy
+    estimate (``fedsim.privacy``: canaries are inserted at this norm): ``norm`` None when it moves every
+    round (adaptive clipping), ``delta`` the delta its epsilon is reported at."""
+
+    norm: float | None
+    delta: float
+
+
 class Defense:
     """A defense's server half (see the module docstring); ``Client`` is its client half."""
 
@@ -120,6 +130,11 @@ class Defense:
     def check(cls, params: BaseModel, scenario: Any, at: tuple[str, ...]) -> None:
         """The rules this defense imposes on the rest of the scenario: raise ``RuleViolation`` with the key
         path of the setting to change (``at``: this defense's own block, e.g. ``("defense", "0")``)."""
+
+    @classmethod
+    def update_bound(cls, params: BaseModel) -> UpdateBound | None:
+        """The L2 bound this defense puts on each client's update as the server aggregates it; None: none."""
+        return None
 
     def wrap_server(self, strategy: Strategy) -> Strategy:
         """The strategy the server runs (default: unchanged)."""

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from .base import ClientDefense, Defense, DefenseSetting
+from .base import ClientDefense, Defense, DefenseSetting, UpdateBound
 
 UNIFORM_WEIGHT_KEY = "uniform-weight"
 ADAPTIVE_KEY = "dp-user-adaptive"  # tells the client to answer with Flower's adaptiveclipping_mod
@@ -209,6 +209,11 @@ class FlowerUserDP(Defense):
                                                                 scenario.train.participation))
             if reason:
                 raise RuleViolation((*at, "noise_multiplier"), reason)
+
+    @classmethod
+    def update_bound(cls, params: DpUserParams) -> UpdateBound:
+        """Flower's wrappers clip every update to ``clipping_norm`` (adaptive: a norm that moves each round)."""
+        return UpdateBound(None if params.adaptive else params.clipping_norm, params.delta)
 
     def client_step(self) -> None:
         return None  # the client half acts on the keys Flower's wrappers and train_config put in the config

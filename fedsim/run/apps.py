@@ -30,6 +30,7 @@ from strategies.records import to_record, to_torch
 from . import checkpoint
 from ..audit.observer import AuditObserver
 from ..audit.query import QUERY_GRADIENT, answer_gradient_query
+from ..privacy.run import CanaryRun
 from .metered import MeteredGrid
 from .observers import (CentralEvaluation, CodecReport, DefenseReport, FailureWatch, ProgressObserver, ResultsObserver,
                         RoundTiming, StrategyReport, evaluate)
@@ -206,6 +207,9 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     running = strategy
     for defense in defenses:
         running = defense.wrap_server(running)
+    canaries = CanaryRun(scenario, scenario.train.rounds) if scenario.privacy != "none" else None
+    if canaries is not None:  # outside the DP wrappers: their noise is additive (fedsim.privacy.run)
+        running = canaries.wrap(running)
     arrays, first_round = to_record(model.state_dict()), 1
     if ckpt is not None:  # the server objects as the checkpoint left them (built above only for train_config)
         strategy, running, defenses, codec = (ckpt.server[k] for k in ("strategy", "running", "defenses", "codec"))
@@ -242,7 +246,8 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     with RoundProgress(scenario.train.rounds, enabled=progress, completed=first_round - 1) as bar:
         observers[:] = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
                         *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
-                        *([audit] if audit else []), ResultsObserver(writer), ProgressObserver(bar), failures,
+                        *([audit] if audit else []), *([canaries.observer] if canaries else []),
+                        ResultsObserver(writer), ProgressObserver(bar), failures,
                         *([checkpointer] if checkpointer else [])]  # last: after every observer saw the round
         if ckpt is not None:  # each observer's state as the checkpoint left it (the audit resubmits its jobs)
             for observer in observers:
@@ -272,6 +277,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         "scenario": scenario.model_dump(mode="json"),
         **(audit.summary() if audit else {}),
         **{k: v for d in defenses for k, v in d.summary(rows).items()},
+        **(canaries.summary() if canaries else {}),
     }
     writer.finish(summary, plot=scenario.output.plot, audit_rows=audit.rows if audit else None)
     if checkpointer is not None:

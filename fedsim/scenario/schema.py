@@ -192,6 +192,27 @@ class AuditConfig(_Strict):
         return v
 
 
+class PrivacyConfig(_Strict):
+    """Empirical privacy beside the accountant: the one-shot canary estimate of Andrew et al. (ICLR 2024),
+    ``fedsim.privacy``. Canary clients' updates (random directions at the clip norm) join the aggregate;
+    ``epsilon_est`` per audited round in metrics.jsonl."""
+
+    method: Literal["canaries"] = "canaries"
+    canaries: int = Field(1000, ge=2, description="canaries inserted (observed)")
+    unobserved: int | None = Field(None, ge=2, description="canaries never inserted, the all_iterates null "
+                                   "(default: as many as canaries)")
+    threat: Literal["final", "all_iterates"] = Field("final", description="final: cosine with the model delta since "
+                                                     "round 0; all_iterates: max over rounds of the cosine with "
+                                                     "each round's delta")
+    every: int = Field(1, ge=1, description="estimate every N rounds (and always the last)")
+    repeats: int = Field(1, ge=1, description="times each canary is inserted over the run")
+    norm: float | None = Field(None, gt=0, description="a canary update's L2 norm (default: the bound "
+                               "of the defense that bounds each update, else 1)")
+    delta: float | None = Field(None, gt=0, lt=1, description="delta of the estimate (default: that defense's, "
+                                "else 1e-5)")
+    bootstrap: int = Field(100, ge=0, description="bootstrap resamples of the canaries for the interval; 0: none")
+
+
 def _refuse_nonfinite(loc: tuple[str, ...], values: Any) -> None:
     """_PathError at the first float in ``values`` (nested dicts and lists) that is inf or nan."""
     stack = [(loc, values)]
@@ -302,6 +323,7 @@ class Scenario(_Strict):
     defense: Any = Field("none", description="none, a defense with its settings (name: one of the defense "
                          "registry's, defenses.registry), or a list of them applied in order")
     audit: Literal["none"] | AuditConfig = Field("none", description="none, or the per-round privacy audit")
+    privacy: Literal["none"] | PrivacyConfig = Field("none", description="none, or empirical privacy by canaries")
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
 
@@ -440,6 +462,11 @@ class Scenario(_Strict):
         if len(accounting) > 1:
             raise _PathError(("defense",), f"{' and '.join(accounting)} each account their own epsilon; use one "
                              f"of them")
+        for i, block in enumerate(blocks if self.privacy != "none" else []):
+            bound = DEFENSES[block.name].update_bound(block)
+            if bound is not None and bound.norm is None:
+                raise _PathError(("privacy",), f"canaries are inserted at the bound on each update's norm, which "
+                                 f"{block.name} (defense{'.' + str(i) if len(blocks) > 1 else ''}) moves every round")
         if self.strategy.name not in strategy_names():
             return self  # _strategy_known names the problem
         try:
@@ -499,7 +526,10 @@ class Scenario(_Strict):
         return _nominal_model(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        if data.get("privacy") == "none":
+            del data["privacy"]  # a scenario without it reads as before the section existed (checkpoints compare it)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _nominal_model(s: Scenario):
