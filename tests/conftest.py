@@ -11,7 +11,9 @@ below), never listed test by test. The categories (``slow_categories``):
             ``python -m attacks``, a SuperLink and SuperNodes, a run killed with SIGKILL, a browser;
   attack    it runs a reconstruction attack's optimisation (``.reconstruct(...)``), or runs a
             scenario with an ``audit`` block (``run_scenario``/``main`` on a scenario given an
-            ``audit`` key): the audit attacks every audited round, in a spawned process of its own.
+            ``audit`` key): the audit attacks every audited round, in a spawned process of its own;
+  canaries  it simulates the empirical-privacy estimate's canaries in high dimension (``canary_sum``,
+            ``MaxCosines``: thousands of canaries of 50,000 coordinates, ~10^9 random draws).
 
 What a test "calls" is read from its own code, the code of the fixtures it requests, and the
 code of the helpers (functions, classes) defined under tests/ that these name, followed a few
@@ -91,6 +93,7 @@ def local_ray():
 
 RAY_STARTERS = {"start_local_ray", "RayGrid", "run_sweep"}
 SCENARIO_RUNNERS = {"run_scenario", "main"}  # fedsim.engines.run_scenario; fedsim.cli.main in process
+CANARY_SIMULATIONS = {"canary_sum", "MaxCosines"}  # fedsim.privacy.canaries, in high dimension
 FOLLOW_DEPTH = 4  # helpers calling helpers
 
 
@@ -156,6 +159,8 @@ def slow_categories(item) -> list[str]:
         categories.append("process")
     if "reconstruct" in names or ("audit" in keys and names & SCENARIO_RUNNERS):
         categories.append("attack")
+    if names & CANARY_SIMULATIONS:
+        categories.append("canaries")
     return categories
 
 
