@@ -196,3 +196,14 @@ def test_robust_aggregators_leave_the_replies_for_the_audit(one_torch_thread):
                get_codec("none"), initial, 1, timeout=60, observers=[Replies()])
     assert seen == [len(initial)] * scenario.data.num_clients
     torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", ["krum", "fedavgm"])
+def test_update_defenses_compose(tmp_path, name, one_torch_thread):
+    """clip, prune and noise act on each client's update before Flower's class aggregates it."""
+    defense = [{"name": "clip", "max_norm": 0.5}, {"name": "prune", "ratio": 0.5}, {"name": "noise", "variance": 1e-6}]
+    plain = run_scenario(parse_scenario(small_raw(strategy={"name": name})), tmp_path / "plain", progress=False)
+    defended = run_scenario(parse_scenario(small_raw(strategy={"name": name}, defense=defense)), tmp_path / "d",
+                            progress=False)
+    assert defended["failures_total"] == 0 and defended["accuracy"] > 0.1
+    assert defended["accuracy"] != plain["accuracy"]  # the defenses changed what was aggregated
