@@ -14,6 +14,8 @@ between them), wall time measured by this process from spawn to exit:
            flwr.simulation.run_simulation with client_resources num_cpus 1
   inline   `python -m fedsim W1.yaml --quiet`, engine inline (the command a user runs)
   ray      `python -m fedsim W1.yaml --quiet`, engine ray (one actor per CPU)
+  vectorized  `python -m fedsim W1.yaml --quiet`, engine vectorized (the round's clients trained together
+           with torch.func: fedsim.engines.vectorized)
 
 and the cost of the checkpoint `fedsim resume` reads (written every round by default,
 ``output.checkpoint_every: 1``), as a fraction of a W1 round, two ways:
@@ -26,7 +28,18 @@ and the cost of the checkpoint `fedsim resume` reads (written every round by def
                  shared machine the load can drift between them by more than the checkpoint costs)
 
 Targets: inline within 1.5x of bare; ray at least 3x faster than flower; a checkpoint at most
-0.10 of a W1 round.
+0.10 of a W1 round; vectorized per round at most 1/3 of bare's.
+
+Cross-device (``--cross-device``, or ``xdev`` in ``--only``): 1,000 clients of 20 samples each (synthetic
+16x16 images, IID, no validation split), 100 a round, 1 local epoch of batch 10, the same MLP
+(256 inputs), FedAvg, 11 rounds: inline against vectorized, each `python -m fedsim`, per round
+(median time between round ends). Target: vectorized at least 5x faster than inline.
+
+Reading the vectorized figures: the engine batches only the local training (and the stacking of the sent
+weights); every client's reply still goes through the ClientApp's own reply path (update defenses, codec,
+``to_record`` of its weights) and the server's round (decoding, the finiteness check, Flower's aggregation,
+the evaluation, the checkpoint) is the same on every engine. Those fixed costs bound the speed-up: in the
+cross-device round, with 2 steps of 10 samples per client, training is a minority of inline's round.
 
 Per round, start-up left out: ``step ms`` is the median time between two rounds' ends (for
 fedsim: consecutive ``elapsed_s`` in metrics.jsonl, so the round and what follows its row, the
@@ -36,7 +49,7 @@ checkpoint included; for bare and flower: consecutive round-end stamps), and the
 Read the inline/bare ratio knowing two start-up costs the bare loop pays and fedsim does not:
 ``torch.optim.SGD`` imports ``torch._dynamo`` (~1.5 s; fedsim calls the same update function,
 strategies/sgd.py), and interpreter teardown (`python -m fedsim` freezes the GC first).
-Usage: python benchmarks/engine_overhead.py [--rounds 60] [--only bare,inline]
+Usage: python benchmarks/engine_overhead.py [--rounds 60] [--only bare,inline,vectorized] [--cross-device]
 """
 
 from __future__ import annotations
@@ -57,8 +70,11 @@ SEED = 0
 ROUNDS = 60
 NUM_CLIENTS = 10
 BATCH, LR, LOCAL_EPOCHS, HIDDEN = 32, 0.05, 1, 256
-VARIANTS = ("bare", "flower", "inline", "inline-nockpt", "ckpt", "ray")
+VARIANTS = ("bare", "flower", "inline", "inline-nockpt", "ckpt", "ray", "vectorized")
 CHECKPOINT_TARGET = 0.10
+VECTORIZED_TARGET = 1 / 3  # vectorized/bare per round, at most
+XDEV_CLIENTS, XDEV_PER_ROUND, XDEV_SAMPLES, XDEV_BATCH, XDEV_ROUNDS = 1000, 100, 20, 10, 11
+XDEV_TARGET = 5.0  # inline/vectorized per round, at least
 
 
 def w1_raw(engine: str, rounds: int, checkpoint_every: int = 1) -> dict:
@@ -71,6 +87,23 @@ def w1_raw(engine: str, rounds: int, checkpoint_every: int = 1) -> dict:
                   "participation": 1.0},
         "engine": {"name": engine},
         "output": {"plot": False, "progress": False, "checkpoint_every": checkpoint_every},
+    }
+
+
+def xdev_raw(engine: str, rounds: int = XDEV_ROUNDS) -> dict:
+    """The cross-device round: many small clients, a tenth of them a round."""
+    return {
+        "name": f"xdev-{engine}", "seed": SEED,
+        "data": {"dataset": "synthetic", "num_clients": XDEV_CLIENTS, "val_fraction": 0.0,
+                 "partition": {"name": "iid"},
+                 "synthetic": {"classes": 10, "channels": 1, "size": 16, "train": XDEV_CLIENTS * XDEV_SAMPLES,
+                               "test": 1000}},
+        "model": {"name": "mlp", "hidden": [HIDDEN]},
+        "strategy": {"name": "fedavg"},
+        "train": {"rounds": rounds, "local_epochs": 1, "batch_size": XDEV_BATCH, "lr": LR,
+                  "participation": XDEV_PER_ROUND / XDEV_CLIENTS},
+        "engine": {"name": engine},
+        "output": {"plot": False, "progress": False},
     }
 
 
@@ -285,10 +318,13 @@ def spawn(variant: str, rounds: int, prep: Path) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = prep.parent / f"out-{variant}"
-    fedsim_run = variant in ("inline", "inline-nockpt", "ray")
+    fedsim_run = variant in ("inline", "inline-nockpt", "ray", "vectorized") or variant.startswith("xdev-")
     if fedsim_run:
         scenario = prep.parent / f"w1-{variant}.yaml"
-        raw = w1_raw(variant.split("-")[0], rounds, checkpoint_every=0 if variant.endswith("nockpt") else 1)
+        if variant.startswith("xdev-"):
+            raw = xdev_raw(variant[len("xdev-"):])
+        else:
+            raw = w1_raw(variant.split("-")[0], rounds, checkpoint_every=0 if variant.endswith("nockpt") else 1)
         scenario.write_text(yaml.safe_dump(raw, sort_keys=False))
         cmd = [sys.executable, "-m", "fedsim", str(scenario), "--out", str(out), "--quiet"]
     else:
@@ -319,6 +355,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--cross-device", action="store_true", help="also the cross-device case (xdev in --only)")
     ap.add_argument("--child", choices=("bare", "flower", "ckpt"), help=argparse.SUPPRESS)
     ap.add_argument("--prep", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -331,6 +368,8 @@ def main() -> None:
         return run_ckpt(args.rounds)
 
     variants = [v for v in args.only.split(",") if v]
+    xdev = args.cross_device or "xdev" in variants
+    variants = [v for v in variants if v != "xdev"]
     if "bare" not in variants:
         variants.insert(0, "bare")  # every ratio is to the bare loop measured in the same run
     sys.path.insert(0, str(REPO))
@@ -341,6 +380,10 @@ def main() -> None:
         for v in variants:
             results[v] = spawn(v, args.rounds, prep)
             print(f"  {v:13s} {results[v]['wall']:6.1f} s", file=sys.stderr, flush=True)
+        xdev_results = {}
+        for engine in ("inline", "vectorized") if xdev else ():
+            xdev_results[engine] = spawn(f"xdev-{engine}", args.rounds, prep)
+            print(f"  xdev-{engine:8s} {xdev_results[engine]['wall']:6.1f} s", file=sys.stderr, flush=True)
 
     bare = results["bare"]
     bare_round, bare_step = median(bare["round_s"]), median(bare["step_s"])
@@ -380,6 +423,21 @@ def main() -> None:
         checks.append(f"checkpoint every round, timed: {write * 1e3:.2f} ms a write, {rnd * 1e3:.1f} ms a round; "
                       f"median write/round = {ratio:.3f} (target <= {CHECKPOINT_TARGET}: "
                       f"{'met' if ratio <= CHECKPOINT_TARGET else 'MISSED'})")
+    if "vectorized" in results:
+        vec_step = median(results["vectorized"]["step_s"])
+        ratio = vec_step / bare_step
+        checks.append(f"vectorized/bare per round = {ratio:.2f} ({vec_step * 1e3:.1f} ms against "
+                      f"{bare_step * 1e3:.1f} ms = {1 / ratio:.2f}x faster; target <= {VECTORIZED_TARGET:.2f}: "
+                      f"{'met' if ratio <= VECTORIZED_TARGET else 'MISSED'})")
+    if xdev_results:
+        inl, vec = (median(xdev_results[e]["step_s"]) for e in ("inline", "vectorized"))
+        speedup = inl / vec
+        checks.append(f"cross-device ({XDEV_CLIENTS} clients x {XDEV_SAMPLES} samples, {XDEV_PER_ROUND} a round, batch "
+                      f"{XDEV_BATCH}, MLP): inline {inl * 1e3:.1f} ms, vectorized {vec * 1e3:.1f} ms a round = "
+                      f"{speedup:.2f}x (target >= {XDEV_TARGET:.0f}: {'met' if speedup >= XDEV_TARGET else 'MISSED'}); "
+                      f"accuracy inline {xdev_results['inline']['accuracy']:.4f}, vectorized "
+                      f"{xdev_results['vectorized']['accuracy']:.4f}; wall {xdev_results['inline']['wall']:.1f} s "
+                      f"against {xdev_results['vectorized']['wall']:.1f} s")
     for c in checks:
         print(c)
 

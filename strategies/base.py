@@ -106,6 +106,43 @@ class ClientAlgorithm:
         raise NotImplementedError
 
 
+class VectorRule:
+    """A client algorithm's local rule on many clients at once (``engine.name: vectorized``).
+
+    The engine (``fedsim.engines.vectorized``) holds a chunk of a round's clients with their parameters
+    stacked along dim 0 (the client axis), draws each client's batches from its own seeded sampler and
+    runs the SGD step (masked: a client past its last step does not move). A rule says only what its
+    ``ClientAlgorithm`` adds to plain local SGD on cross-entropy, so that every client runs exactly the
+    step it runs on the inline engine. This base class is FedAvg's rule: nothing added.
+    """
+
+    def __init__(self, params: BaseModel):
+        self.params = params
+
+    @classmethod
+    def unsupported(cls, params: BaseModel) -> str:
+        """Why these hyperparameters cannot train vectorised ("" when they can): a validation refusal."""
+        return ""
+
+    def start(self, jobs: list[ClientJob], weights: dict[str, torch.Tensor]) -> None:
+        """Before the first step: ``jobs`` the chunk's clients (``job.model`` is only the template),
+        ``weights`` the parameters as sent, stacked (read only)."""
+
+    def extra_loss(self, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each client's term added to its training objective (shape [clients]; not to its reported
+        loss), differentiable in ``weights``; None for none."""
+        return None
+
+    def before_step(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The stacked gradients as the SGD step should see them (before weight decay and momentum)."""
+        return grads
+
+    def finish(self, jobs: list[ClientJob], weights: dict[str, torch.Tensor], steps: list[int]) -> list[dict[str, Any]]:
+        """After the last step (``weights`` trained, ``steps`` each client's step count): each client's
+        extra upload records, its ``Context.state`` (``job.state``) written as its algorithm writes it."""
+        return [{} for _ in jobs]
+
+
 def fixed_sample_size(num_clients: int, participation: float) -> int:
     """Clients per round under ``fixed`` sampling."""
     return max(1, int(round(participation * num_clients)))
@@ -198,6 +235,8 @@ class StrategySpec:
     # The rules it imposes on the rest of the scenario (raises strategies.rules.RuleViolation), as codecs
     # and defenses state theirs: (params, scenario, key path of the strategy block).
     check: Callable[[BaseModel, Any, tuple[str, ...]], None] | None = None
+    # Its local rule for clients trained together (``engine.name: vectorized``); None: that engine refuses it.
+    vector_rule: type[VectorRule] | None = None
 
     def uses_flower_aggregation(self) -> bool:
         """Whether the server aggregates with Flower's own ``FedAvg.aggregate_train`` (what Flower's

@@ -8,7 +8,7 @@ sampling.
 
 from __future__ import annotations
 
-from .base import ClientAlgorithm, ClientJob, NoParams, SeededSampling, StrategySpec
+from .base import ClientAlgorithm, ClientJob, NoParams, SeededSampling, StrategySpec, VectorRule
 from .upload import Upload
 
 
@@ -28,4 +28,5 @@ SPEC = StrategySpec(
     params=NoParams,
     server=lambda params, settings: FedAvgStrategy(settings),
     client=FedAvgClient,
+    vector_rule=VectorRule,  # plain local SGD: nothing added to the engine's step
 )

@@ -12,7 +12,8 @@ from flwr.serverapp.strategy import FedProx as FlowerFedProx
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, SeededSampling, ServerSettings, StrategySpec, UploadView, model_delta
+from .base import (ClientAlgorithm, ClientJob, SeededSampling, ServerSettings, StrategySpec, UploadView, VectorRule,
+                   model_delta)
 from .upload import Upload
 
 
@@ -45,6 +46,22 @@ class FedProxClient(ClientAlgorithm):
         return job.upload(trainer)
 
 
+class FedProxVectorRule(VectorRule):
+    """``FedProxClient`` on stacked clients: each client's objective gains (mu/2)||w - w_t||^2, w_t its sent
+    weights (its reported loss does not)."""
+
+    params: FedProxParams
+
+    def start(self, jobs, weights) -> None:
+        self.anchor = {k: w.detach().clone() for k, w in weights.items()}
+
+    def extra_loss(self, weights):
+        mu = self.params.mu
+        if mu == 0.0:
+            return None
+        return 0.5 * mu * sum(((w - self.anchor[k]) ** 2).flatten(1).sum(1) for k, w in weights.items())
+
+
 def observe(sent, reply, params: FedProxParams) -> UploadView:
     note = "" if params.mu == 0 else f"the replay leaves out the proximal term (mu={params.mu})"
     return UploadView(model_delta(sent, reply), exact=params.mu == 0, note=note)
@@ -55,4 +72,5 @@ SPEC = StrategySpec(
     server=lambda params, settings: FedProxStrategy(params, settings),
     client=FedProxClient,
     observe=observe,
+    vector_rule=FedProxVectorRule,
 )

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .base import ClientAlgorithm, SeededSampling, ServerSettings, StrategySpec, sample_participants
+from .base import ClientAlgorithm, SeededSampling, ServerSettings, StrategySpec, VectorRule, sample_participants
 from .fedavg import FedAvgClient
 from .rules import RuleViolation
 
@@ -196,7 +196,8 @@ def flower_spec(name: str, cls: type, client: Callable[[BaseModel], ClientAlgori
 
     return StrategySpec(name=name, params=params or flower_params(cls),
                         server=lambda p, settings: seeded(settings, **p.model_dump()),
-                        client=client, check=check_all)
+                        client=client, check=check_all,
+                        vector_rule=VectorRule if client is FedAvgClient else None)  # plain local SGD
 
 
 # name -> Flower class; one line each (QFedAvg has its own module: its rule reads a loss the client sends).

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, model_delta
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, VectorRule, model_delta
 from .stateful import (DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, param_tensors, save_state,
                        to_record, to_torch, weighted_sum)
 from .trainer import ClientData
@@ -114,6 +114,66 @@ class ScaffoldClient(ClientAlgorithm):
         return job.upload(trainer, extras={UPLOAD_KEY: to_record({k: c_new[k] - c_i[k] for k in x})})
 
 
+class ScaffoldVectorRule(VectorRule):
+    """``ScaffoldClient`` on stacked clients: every step's gradient gains c - c_i; then c_i+ (option II:
+    c_i - c + (x - y) / (K lr); option I: each client's full local gradient at x), kept in each client's
+    ``Context.state``, Delta c_i uploaded."""
+
+    params: ScaffoldParams
+
+    def start(self, jobs, weights) -> None:
+        self.c, self.c_i = [], []
+        for job in jobs:
+            c = to_torch(job.content[SERVER_KEY])
+            self.c.append(c)
+            self.c_i.append(load_state(job.state, STATE_KEY) or {k: torch.zeros_like(w[0]) for k, w in weights.items()})
+        self.x = {k: w.detach().clone() for k, w in weights.items()}
+        self.correction = {k: torch.stack([c[k] - c_i[k] for c, c_i in zip(self.c, self.c_i)]) for k in weights}
+        self.grad_x = stacked_full_gradient(jobs, self.x) if self.params.variant == "I" else None
+
+    def before_step(self, grads):
+        return {k: g + self.correction[k] for k, g in grads.items()}
+
+    def finish(self, jobs, weights, steps):
+        out = []
+        for i, job in enumerate(jobs):
+            c, c_i, lr = self.c[i], self.c_i[i], job.settings.lr
+            if self.grad_x is not None:
+                c_new = {k: g[i] for k, g in self.grad_x.items()}
+            else:
+                c_new = {k: c_i[k] - c[k] + (self.x[k][i] - weights[k][i]) / (steps[i] * lr) for k in self.x}
+            save_state(job.state, STATE_KEY, c_new)
+            out.append({UPLOAD_KEY: to_record({k: c_new[k] - c_i[k] for k in self.x})})
+        return out
+
+
+def stacked_full_gradient(jobs, weights: dict[str, torch.Tensor], batch: int = 1024) -> dict[str, torch.Tensor]:
+    """``full_gradient`` of every job at once: grad f_i at its stacked ``weights`` over its whole training set
+    (``job.model`` the template the weights are put into; rows past a client's data weigh 0)."""
+    from torch.func import functional_call, vmap
+
+    model = jobs[0].model
+    sizes = [job.data.num_examples for job in jobs]
+    forward = vmap(lambda p, xx: functional_call(model, p, (xx,)))
+    params = {k: w.detach().requires_grad_() for k, w in weights.items()}
+    total = {k: torch.zeros_like(w) for k, w in weights.items()}
+    x0 = jobs[0].data.x
+    for s in range(0, max(sizes, default=0), batch):
+        rows = min(batch, max(sizes) - s)
+        x = x0.new_zeros((len(jobs), rows, *x0.shape[1:]))
+        y = torch.zeros(len(jobs), rows, dtype=torch.long)
+        w = torch.zeros(len(jobs), rows)
+        for i, job in enumerate(jobs):
+            part = slice(s, min(s + rows, sizes[i]))
+            m = max(0, part.stop - part.start)
+            x[i, :m], y[i, :m], w[i, :m] = job.data.x[part], job.data.y[part], 1.0 / max(sizes[i], 1)
+        per_row = nn.functional.cross_entropy(forward(params, x).flatten(0, 1), y.flatten(), reduction="none")
+        grads = torch.autograd.grad((per_row.view(len(jobs), rows) * w).sum(), [params[k] for k in params])
+        for k, g in zip(params, grads):
+            total[k] += g
+    return total
+
+
 def observe(sent, reply, params: ScaffoldParams) -> UploadView:
     return UploadView(model_delta(sent, reply), exact=False,
                       note="the replay leaves out the control-variate correction c - c_i of every step")
@@ -124,4 +184,5 @@ SPEC = StrategySpec(
     server=lambda params, settings: ScaffoldStrategy(params, settings),
     client=ScaffoldClient,
     observe=observe,
+    vector_rule=ScaffoldVectorRule,
 )

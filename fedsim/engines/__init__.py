@@ -2,7 +2,9 @@
 
 - ``inline``: in-process Grid (tests, debugging, small runs).
 - ``ray``: ClientApps in parallel Ray actors (``fedsim.engines.ray``; Ray itself: ``fedsim.engines.ray_cluster``).
-Both run the same ``fedsim.run.apps.server_app`` and ``client_app``.
+- ``vectorized``: in-process, a round's clients trained together with torch.func (``fedsim.engines.vectorized``);
+  each client's reply through the ClientApp's own reply path.
+All run the same ``fedsim.run.apps.server_app`` and ``client_app``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True,
         from .inline import InlineGrid
 
         grid = InlineGrid(client_app, scenario.data.num_clients, client_config, RUN_ID)
+        server_app(grid, context)
+    elif scenario.engine.name == "vectorized":
+        from .vectorized import VectorizedGrid
+
+        grid = VectorizedGrid(client_app, scenario.data.num_clients, client_config, RUN_ID,
+                              chunk=scenario.engine.vectorized.chunk)
         server_app(grid, context)
     else:
         from .ray import RayGrid

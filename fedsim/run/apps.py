@@ -133,6 +133,14 @@ def _train(msg: Message, context: Context, defenses: list) -> Message:
     job = ClientJob(model, data, TrainSettings.from_config(config, data.partition_id), msg.content,
                     context.state, sent, private=private_training(defenses, context.state))
     upload = algorithm.train(job)
+    return train_reply(msg, context, upload, defenses, data)
+
+
+def train_reply(msg: Message, context: Context, upload, defenses: list, data: ClientData) -> Message:
+    """The reply to a training message once local training made ``upload``: the update defenses, the
+    codec (with the node's ``Context.state``), the metrics. Every engine's; the vectorized engine calls
+    it per client after training a round's clients together."""
+    config = msg.content["config"]
     defense_metrics = defend_upload(upload, defenses, config, data.partition_id)  # before the codec
     codec = get_codec(str(config["codec"]), str(config.get("codec-params", "{}")))
     ctx = CodecContext(seed=int(config.get("codec-seed", 0)), server_round=int(config["server-round"]),

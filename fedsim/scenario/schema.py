@@ -140,9 +140,15 @@ class RayConfig(_Strict):
         return v
 
 
+class VectorizedConfig(_Strict):
+    chunk: int = Field(32, ge=1, description="clients trained together at most (memory: about chunk x (model + "
+                       "batch activations)); a round's clients are cut into equal chunks")
+
+
 class EngineConfig(_Strict):
-    name: Literal["inline", "ray"] = "inline"
+    name: Literal["inline", "ray", "vectorized"] = "inline"
     ray: RayConfig = RayConfig()
+    vectorized: VectorizedConfig = VectorizedConfig()
     timeout_s: float = Field(3600.0, gt=0, description="per-round wait for replies")
     torch_threads: int = Field(
         1, ge=1, le=TORCH_THREADS_MAX, description="torch intra-op threads per client process; 1 is fastest for small models "
@@ -503,6 +509,15 @@ class Scenario(_Strict):
                 raise _PathError(exc.loc, exc.msg) from None
         return self
 
+    @model_validator(mode="after")
+    def _engine_fits(self) -> "Scenario":
+        """What the chosen engine cannot run is refused here, in one line (``fedsim.engines.vectorized``)."""
+        if self.engine.name == "vectorized":
+            found = _vectorized_refusal(self)
+            if found is not None:
+                raise _PathError(*found)
+        return self
+
     def strategy_params(self) -> BaseModel:
         from strategies import get_strategy
 
@@ -530,6 +545,50 @@ class Scenario(_Strict):
         if data.get("privacy") == "none":
             del data["privacy"]  # a scenario without it reads as before the section existed (checkpoints compare it)
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def _vectorized_refusal(scenario: Any) -> tuple[tuple[str, ...], str] | None:
+    """(key path, one-line reason) of the first thing in ``scenario`` the vectorized engine
+    (``fedsim.engines.vectorized``) cannot train exactly as the inline engine does, or None."""
+    from torch import nn
+
+    from defenses import DEFENSES
+    from defenses.base import ClientDefense
+    from strategies import get_strategy, strategy_names
+
+    if scenario.strategy.name not in strategy_names():
+        return None  # the strategy validator names it
+    spec = get_strategy(scenario.strategy.name)
+    if spec.vector_rule is None:
+        able = [n for n in strategy_names() if get_strategy(n).vector_rule is not None]
+        return (("engine", "name"), f"vectorized trains only strategies with a vectorised local rule "
+                f"({', '.join(able)}); {scenario.strategy.name}'s local rule has none: use engine inline or ray")
+    why = spec.vector_rule.unsupported(scenario.strategy_params())
+    if why:
+        return (("strategy",), f"{scenario.strategy.name} on engine vectorized: {why}")
+    blocks = scenario.defenses()
+    for i, block in enumerate(blocks):
+        client = DEFENSES[block.name].Client
+        if client is None:
+            continue
+        at = ("defense", *((str(i),) if len(blocks) > 1 else ()), "name")
+        if client.private_training is not ClientDefense.private_training:
+            return (at, f"{block.name} runs each client's local training itself (its own sampler and per-sample "
+                    f"steps), which engine vectorized does not; use engine inline or ray")
+        if client.wrap_call is not ClientDefense.wrap_call:
+            return (at, f"{block.name} wraps each client's whole call, which engine vectorized does not make "
+                    f"(it trains a chunk of clients in one call); use engine inline or ray")
+    model = scenario.nominal_model()
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+        return (("model", "dropout"), "engine vectorized refuses dropout: each client draws its masks from its own "
+                "seeded generator in turn, which one vmap over clients does not reproduce; set model.dropout: 0 "
+                "or use engine inline or ray")
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        return (("model", "name"), f"engine vectorized refuses models with buffers ({scenario.model.name}: "
+                f"{', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''}; BatchNorm statistics change in "
+                f"the forward pass); use engine inline or ray")
+    return None
 
 
 def _nominal_model(s: Scenario):
