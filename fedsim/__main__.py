@@ -2,10 +2,13 @@ import gc
 import sys
 
 try:
+    from .console import sigterm_as_ctrl_c
+
+    sigterm_as_ctrl_c()  # SIGTERM is handled as Ctrl-C is, everywhere below (exit 130, resumable)
     from .cli import main
 
     code = main()
-except KeyboardInterrupt:  # the instants main() does not cover (its own start-up and run handlers do the rest)
+except KeyboardInterrupt:  # Ctrl-C or SIGTERM where main() does not catch it (its start-up and run handlers do)
     print("fedsim: interrupted", file=sys.stderr)
     code = 130
 # The process ends here. Shutting the interpreter down would garbage-collect every object
@@ -16,5 +19,5 @@ except KeyboardInterrupt:  # the instants main() does not cover (its own start-u
 gc.freeze()
 inline = sys.modules.get("fedsim.engines.inline")  # loaded only when a run used the inline engine
 if inline is not None:
-    inline.exit_past_abandoned_calls(code)  # a timed-out call still inside torch would abort the shut-down
+    inline.exit_past_abandoned_calls(code)  # a call given up (timed out, interrupted) still inside torch would abort the shut-down
 sys.exit(code)

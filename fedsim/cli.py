@@ -8,7 +8,8 @@ Bad input (file, keys, values, data that cannot be loaded, sizes that cannot be 
 output directory that cannot be used) is one line on stderr and exit code 2, before any output
 directory exists. A run holds its output directory for as long as it runs (``fedsim.run.outdir``):
 a second run on it exits 2, and one holding an earlier run's results needs ``--overwrite``.
-Ctrl-C during start-up is one line and exit code 130, with nothing written. A full disk (or
+Ctrl-C during start-up is one line and exit code 130, with nothing written; Ctrl-C during the run is one line
+(what the folder holds, and how to go on) and exit code 130. SIGTERM is handled as Ctrl-C is. A full disk (or
 quota) is one line naming the file and exit code 1; every file is as it was before that write, and
 ``fedsim resume`` continues the run once there is space (when a checkpoint was written).
 """
@@ -57,6 +58,32 @@ def prepare(path: str, overrides: list[str], *, check_data: bool = True):
     if check_data or scenario.engine.name != "ray":
         checked_world(scenario.to_yaml())  # cached: the run reuses it
     return scenario
+
+
+def interrupted_line(out_dir: Path) -> str:
+    """The one line for a run interrupted (Ctrl-C, SIGTERM) after it claimed ``out_dir``, saying what the
+    folder really holds. Before round 1 ended (e.g. while Ray starts) there is no result: what the run
+    wrote (scenario.yaml, an empty metrics.jsonl) is removed, so the same command starts it again."""
+    from .run.checkpoint import CHECKPOINT
+    from .run.outdir import clear_results
+    from .run.results import RunFileError, read_metrics
+
+    try:
+        rounds = len(read_metrics(out_dir)) if (out_dir / "metrics.jsonl").is_file() else 0
+    except (RunFileError, OSError):
+        rounds = None  # unreadable: say nothing about its rounds, remove nothing
+    if rounds == 0:
+        try:
+            clear_results(out_dir)
+        except OSError:
+            pass  # the line below still holds: no round finished
+        return "fedsim: interrupted before round 1 finished; no results were kept: run the same command again"
+    done = f"{rounds} rounds completed" if rounds is not None else "the rounds completed"
+    if (out_dir / CHECKPOINT).is_file():
+        return (f"fedsim: interrupted; {done} so far are in {out_dir / 'metrics.jsonl'}; continue with "
+                f"`python -m fedsim resume {out_dir}`")
+    return (f"fedsim: interrupted; {done} so far are in {out_dir / 'metrics.jsonl'}, but no checkpoint was "
+            f"written yet (output.checkpoint_every), so it cannot be resumed: run it again with --overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         except ScenarioError as exc:  # data the engine found bad before writing anything
             print(f"fedsim: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        except KeyboardInterrupt:
-            print(f"fedsim: interrupted; rounds completed so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (fedsim.console.sigterm_as_ctrl_c); the folder is still held
+            print(interrupted_line(out_dir), file=sys.stderr)
             return 130
         except RunStopped as exc:  # every client failed, or the model diverged
             print(f"fedsim: error: {exc}; rounds so far are in {out_dir / 'metrics.jsonl'}", file=sys.stderr)

@@ -7,13 +7,31 @@ one another.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run went, but every client failed
 EXIT_BAD_INPUT = 2  # bad input: one line on stderr, before any output directory exists
-EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_INTERRUPTED = 130  # Ctrl-C, or SIGTERM (``sigterm_as_ctrl_c``)
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def sigterm_as_ctrl_c() -> None:
+    """Make SIGTERM (``kill PID``, a batch scheduler's or systemd's stop) raise KeyboardInterrupt in the
+    main thread, as Ctrl-C does, so that every command's Ctrl-C handling covers it: one line, exit 130,
+    a run left resumable, Ray stopped by the ``with`` blocks that started it. Python's default for
+    SIGTERM is to die on the spot, and once Ray is up its C++ failure handler prints a stack dump and
+    exits 15. Installed by ``python -m fedsim`` (``fedsim.__main__``) only: a program using fedsim as a
+    library keeps its own handling. ``fedsim.engines.ray_cluster`` puts it back after ``ray.init``,
+    which replaces it."""
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 class Parser(argparse.ArgumentParser):

@@ -338,8 +338,9 @@ class InlineGrid(SimulatedNodesGrid):
         self._thread.submit(work)
         try:
             finished = work.wait(max(0.0, deadline - time.monotonic()))
-        except BaseException:  # Ctrl-C while waiting: the clients not yet run must not run on behind it
-            work.give_up()
+        except BaseException:  # Ctrl-C or SIGTERM while waiting: the clients not yet run must not run on behind it
+            if work.give_up() is not None:
+                _abandon(work)  # its running call goes on in the worker thread: the exit must get past it
             raise
         if not finished:  # a call hung, or the round ran out of time
             running = work.give_up()

@@ -239,16 +239,25 @@ class RayGrid(SimulatedNodesGrid):
             needed = math.ceil(wanted * cfg.num_cpus_per_client)
             start_local_ray(max(os.cpu_count() or 1, needed))
             self._started_ray = True
+        try:
+            return self._start_pool(wanted, world_job, scenario_yaml)
+        except BaseException:  # a refusal, or Ctrl-C / SIGTERM before round 1: stop what was started
+            self.__exit__(None, None, None)
+            raise
+
+    def _start_pool(self, wanted: int, world_job, scenario_yaml: str | None) -> "RayGrid":
+        """``__enter__``, once Ray runs: check the actors fit, start them, hand them the world."""
+        import ray
+
+        cfg = self.config
         cpus = float(ray.cluster_resources().get("CPU", 0))
         # An actor runs on one node: what counts is each node's CPUs, not the cluster's sum.
         node_cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [cpus]
         fits = sum(int(c // cfg.num_cpus_per_client + 1e-9) for c in node_cpus)
         if fits == 0:
-            self.__exit__(None, None, None)
             raise ScenarioError(f"engine.ray.num_cpus_per_client: {cfg.num_cpus_per_client:g} CPUs per client actor, "
                                 f"but the largest Ray node has {max(node_cpus):g}: no client could ever run")
         if wanted > fits:
-            self.__exit__(None, None, None)
             raise ScenarioError(f"engine.ray.num_actors: {wanted} actors need {wanted * cfg.num_cpus_per_client:g} "
                                 f"CPUs; the Ray cluster has {cpus:g}")
         if not wanted and fits >= 2 and _audits(scenario_yaml):
@@ -264,11 +273,7 @@ class RayGrid(SimulatedNodesGrid):
         # Created asynchronously: the actors import torch and Flower while the server sets up.
         self.actors = [self._new_actor() for _ in range(size)]
         if world_job is not None:  # actors import torch and Flower meanwhile; a call runs after adopt
-            try:
-                self._world_args = (scenario_yaml, ray.put(world_job.result()))
-            except BaseException:
-                self.__exit__(None, None, None)
-                raise
+            self._world_args = (scenario_yaml, ray.put(world_job.result()))
             for actor in self.actors:
                 self._adopt(actor)
         self._free = deque(self.actors)

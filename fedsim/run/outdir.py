@@ -240,6 +240,13 @@ def _check_contents(path: Path, *, overwrite: bool, resume: bool) -> None:
                              f"--overwrite to replace them, or choose another folder")
 
 
+def clear_results(path: str | Path) -> None:
+    """Remove fedsim's own files from ``path``, a folder this process holds (``claim_output_dir``), and
+    nothing else: for a run interrupted before its first round, whose folder then holds only what this
+    run wrote (the claim refused, or with ``overwrite`` cleared, any earlier run's results)."""
+    _clear(Path(path))
+
+
 def _clear(path: Path) -> None:
     """Remove fedsim's own entries, and nothing else: each is checked again as it is removed (a
     file put in the folder after ``_check_contents`` stays, and so does its folder)."""
