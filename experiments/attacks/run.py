@@ -1,6 +1,6 @@
 """Full-size attack experiments (the issue's "results to reproduce"); prints Markdown tables.
 
-    python experiments/attacks/run.py dlg|labels|ig|dropout|sme|sme_fidelity|dia_schedule|all [--seeds N] [--out DIR]
+    python experiments/attacks/run.py dlg|labels|ig|dropout|sme|sme_fidelity|dia_schedule|dlg_init|all [--seeds N] [--out DIR]
 
 Each experiment seeds the victim case (model init, batch, dropout masks) and the
 attack alike, runs single-threaded, and writes DIR/<name>.json and DIR/<name>.md.
@@ -227,8 +227,61 @@ def exp_dia_schedule(seeds, p=0.5):
     return md, raw
 
 
+# DLG/iDLG on the two LeNet inits (issue 22, item 4). The old default (until this table): the paper's summed
+# squared L2 and torch's L-BFGS exit tolerances; each "old, ..." arm changes one setting of it, the rest combine.
+OLD_DLG = {"objective": "l2", "tolerances": "torch"}
+DLG_INIT_ARMS = {
+    "old default: L2, torch's L-BFGS tolerances": {**OLD_DLG},
+    "old, 300 steps without the convergence stop": {**OLD_DLG, "stop_patience": 0},
+    "old, best of 4 trials (restarts)": {**OLD_DLG, "trials": 4},
+    "old, randn dummy start": {**OLD_DLG, "init": "randn"},
+    "old, mid-grey (0.5) dummy start": {**OLD_DLG, "init": "half"},
+    "old, cosine objective (Geiping et al.)": {**OLD_DLG, "objective": "cosine"},
+    "old, L2 / observed gradient's squared norm": {**OLD_DLG, "objective": "l2-normalised"},
+    "old, L2 / its value at the start (l2-relative)": {**OLD_DLG, "objective": "l2-relative"},
+    "old, L-BFGS tolerances off": {**OLD_DLG, "tolerances": "off"},
+    "cosine, tolerances off": {"objective": "cosine", "tolerances": "off"},
+    "l2-relative, tolerances off (new iDLG default)": {"objective": "l2-relative", "tolerances": "off"},
+    "l2-relative, tolerances off, randn dummy start": {"objective": "l2-relative", "tolerances": "off",
+                                                       "init": "randn"},
+}
+DLG_JOINT_ARMS = ("old default: L2, torch's L-BFGS tolerances", "old, L-BFGS tolerances off",
+                  "old, L2 / its value at the start (l2-relative)", "l2-relative, tolerances off (new iDLG default)")
+NEW_DEFAULT = {"idlg": "l2-relative, tolerances off (new iDLG default)",
+               "dlg": "old default: L2, torch's L-BFGS tolerances"}  # DLG's default is unchanged
+
+
+def exp_dlg_init(seeds, attacks=("idlg", "dlg")):
+    """iDLG (and DLG) on the sigmoid LeNet, digits 8x8, batch 1, with DLG's uniform(-0.5, 0.5) weights and with
+    PyTorch's default init, one row per arm of DLG_INIT_ARMS (DLG: those of DLG_JOINT_ARMS)."""
+    rows, raw = [], {}
+    for name in attacks:
+        arms = DLG_INIT_ARMS if name == "idlg" else {k: DLG_INIT_ARMS[k] for k in DLG_JOINT_ARMS}
+        for arm, cfg in arms.items():
+            cells = []
+            for init in ("uniform", "default"):
+                runs = []
+                for s in range(seeds):
+                    case = build_case(model="lenet", dataset="digits", batch_size=1, seed=s, init=init)
+                    runs.append(attack(name, case, seed=s, steps=300, **cfg))
+                    if arm == NEW_DEFAULT[name] and s == 0:  # the arm is the attack's default (checked on seed 0)
+                        assert attack(name, case, seed=s, steps=300)["psnr"] == runs[-1]["psnr"]
+                raw[f"{name} | {arm} | {init}"] = runs
+                ps = [r["psnr"] for r in runs]
+                cells.append(f"{sum(p >= 30 for p in ps)}/{seeds} | {statistics.median(ps):.1f} | {min(ps):.1f}-{max(ps):.1f} "
+                             f"| {statistics.median(r['iterations'] for r in runs):.0f} | {mean([r['wall_s'] for r in runs]):.2f}")
+                print("dlg_init", name, arm[:40], init, [round(p, 1) for p in ps], flush=True)
+            rows.append(f"| {name} | {arm} | " + " | ".join(cells) + " |")
+    cols = ["attack", "arm"] + [f"{init}: {c}" for init in ("uniform init", "default init")
+                                for c in ("PSNR >= 30", "median PSNR", "min-max", "median steps", "mean wall s")]
+    md = md_table(f"DLG/iDLG on the two LeNet inits: digits 8x8, batch 1, 300 L-BFGS steps max, seeds 0-{seeds - 1}",
+                  cols, rows)
+    return md, raw
+
+
 EXPERIMENTS = {"labels": exp_labels, "dlg": exp_dlg, "ig": exp_ig, "dropout": exp_dropout, "sme": exp_sme,
-               "sme_fidelity": exp_sme_fidelity, "dia_schedule": exp_dia_schedule}
+               "sme_fidelity": exp_sme_fidelity, "dia_schedule": exp_dia_schedule,
+               "dlg_init": exp_dlg_init}
 
 
 def main():
@@ -241,7 +294,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(EXPERIMENTS) if args.which == "all" else [args.which]
-    defaults = {"labels": 10, "dlg": 10, "ig": 3, "dropout": 3, "sme": 3, "sme_fidelity": 3, "dia_schedule": 1}
+    defaults = {"labels": 10, "dlg": 10, "ig": 3, "dropout": 3, "sme": 3, "sme_fidelity": 3, "dia_schedule": 1,
+                "dlg_init": 10}
     for name in names:
         t0 = time.perf_counter()
         md, raw = EXPERIMENTS[name](args.seeds or defaults[name])
