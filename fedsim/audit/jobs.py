@@ -25,6 +25,7 @@ class AuditJob:
     note: str
     png: str
     perturbed: bool = False           # a defense or a lossy codec changed what travelled: I2F predicts its effect
+    membership: Any = None            # fedsim.audit.membership.MembershipCase: the loss-threshold attack's, or None
 
 
 def run_job(job: AuditJob) -> dict[str, Any]:
@@ -48,6 +49,13 @@ def run_job(job: AuditJob) -> dict[str, Any]:
         # What the defense or codec moved the reconstruction by, predicted from the perturbation
         # (what travelled minus the clean upload recomputed at the true batch).
         i2f_psnr = predicted_psnr(job.observation, job.true_images, job.true_labels)
+    membership = {}
+    if job.membership is not None:
+        import copy
+
+        from .membership import loss_threshold
+
+        membership = loss_threshold(copy.deepcopy(job.observation.model), job.membership)
     return {"round": job.server_round, "client": job.partition_id, "attack": job.attack,
             "threat": job.observation.threat, "images": int(rec.images.shape[0]),
             "psnr": scores["psnr"], "psnr_max": scores["psnr_max"], "ssim": scores["ssim"],
@@ -55,4 +63,4 @@ def run_job(job: AuditJob) -> dict[str, Any]:
             "label_accuracy": scores["label_accuracy"], "success_rate": scores["success_rate"],
             "iterations": int(rec.iterations), "stopped": rec.stopped, "wall_s": rec.wall_s, "exact_replay": job.exact_replay,
             "i2f_psnr": i2f_psnr, "support": job.observation.support_fraction(), "note": job.note,
-            "reconstruction": str(Path(job.png).name)}
+            "reconstruction": str(Path(job.png).name), **membership}

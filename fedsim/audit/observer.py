@@ -154,9 +154,13 @@ class AuditObserver(RoundObserver):
         defended = [d.name for d in defenses if not d.replay_exact]
         if defended:  # the replay models plain local SGD, not what the defenses did to the update
             exact, note = False, "; ".join(filter(None, [note, f"the replay leaves out the defenses {', '.join(defended)}"]))
+        # The client's model as the server decoded it: the weights sent plus the decoded update.
+        decoded = lambda: {k: torch.from_numpy(sent[k] + view.update[k] if k in view.update else sent[k])  # noqa: E731
+                           for k in sent}
         return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
                         exact, self._note(note), str(self._png(record.server_round, pid)),
-                        perturbed=self._perturbed(node.config, defenses))
+                        perturbed=self._perturbed(node.config, defenses),
+                        membership=self._membership(decoded, record.server_round, pid))
 
     def gradient_job(self, record: RoundRecord, pid: int, node_id: int) -> AuditJob:
         from attacks import Observation
@@ -177,7 +181,22 @@ class AuditObserver(RoundObserver):
         x, y = self._truth(pid, lambda n: query_batch(n, batch, self.s.seed, record.server_round, pid))
         return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
                         True, self._note(""), str(self._png(record.server_round, pid)),
-                        perturbed=self._perturbed(config, client_defenses(config)))
+                        perturbed=self._perturbed(config, client_defenses(config)),
+                        membership=self._membership(lambda: to_torch(record.arrays_sent), record.server_round, pid))
+
+    def _membership(self, weights: Callable[[], dict[str, torch.Tensor]], server_round: int, pid: int):
+        """The loss-threshold attack's case on the attacked model (``weights()``: its state dict;
+        ``fedsim.audit.membership``), when asked for and the server holds the ground truth to score it."""
+        if self.audit.membership == "none" or not self.ground_truth:
+            return None
+        from .membership import MembershipCase, nonmember_indices
+
+        template = self.world.new_model().state_dict()
+        weights = {k: v.to(template[k].dtype) for k, v in weights().items()}  # as load_state_dict would cast
+        x, y = self.world.client_tensors(pid)[:2]
+        ds = self.world.dataset
+        idx = torch.from_numpy(nonmember_indices(len(ds.y_test), len(y), self.s.seed, server_round, pid))
+        return MembershipCase(weights, (x, y), (ds.x_test[idx], ds.y_test[idx]))
 
     def _truth(self, pid: int, batch_of) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The target's true samples (all its training data, or the query's batch), for scoring only."""
@@ -252,6 +271,8 @@ class AuditObserver(RoundObserver):
         if not scored:
             return {"audits": len(self.rows)}
         worst = max(scored, key=lambda r: r["psnr"])
-        return {"audits": len(self.rows), "audit_worst_psnr": worst["psnr"], "audit_worst_psnr_round": worst["round"],
+        membership = [r["membership_auc"] for r in self.rows if r.get("membership_auc") is not None]
+        return {"audits": len(self.rows), **({"audit_worst_membership_auc": max(membership)} if membership else {}),
+                "audit_worst_psnr": worst["psnr"], "audit_worst_psnr_round": worst["round"],
                 "audit_worst_psnr_client": worst["client"], "audit_worst_ssim": max(r["ssim"] for r in scored),
                 "audit_worst_cw_ssim": max((r["cw_ssim"] for r in scored if r.get("cw_ssim") is not None), default=None)}

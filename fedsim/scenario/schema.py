@@ -187,6 +187,9 @@ class AuditConfig(_Strict):
     sketch_space: bool = Field(True, description="update threat through a codec with a space of its own: match "
                                "the simulated update mapped there (S u(x')) against what travelled (the server knows "
                                "S); false: the decoded upload (S^T y)")
+    membership: Literal["none", "loss"] = Field(
+        "none", description="membership inference on the attacked model beside the reconstruction: loss (Yeom et "
+        "al.'s loss threshold; AUC and TPR at 0.1% FPR in audit.jsonl, fedsim.audit.membership)")
 
     @field_validator("clients")
     @classmethod
