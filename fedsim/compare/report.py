@@ -1,10 +1,12 @@
 """``python -m fedsim report DIR``: one self-contained HTML page for a run or a sweep.
 
 For a run folder (summary.json, metrics.jsonl, audit.jsonl): accuracy per round, bytes per
-round, epsilon per round (when a defense accounts one), the audit's PSNR per round and every
-reconstruction grid. For a sweep folder (runs.csv, ``runs/<run>/``): the frontiers a
-comparison is about - accuracy against audit PSNR (privacy-utility), accuracy against
-uploaded bytes (utility-communication), audit PSNR against epsilon - as mean and standard
+round, epsilon per round (the accountant's, when a defense accounts one, and the canaries'
+empirical estimate with its interval, when the scenario has a privacy section: one plot), the
+audit's PSNR per round (and membership scores) and every reconstruction grid. For a sweep folder
+(runs.csv, ``runs/<run>/``): the frontiers a comparison is about - accuracy against audit PSNR
+(privacy-utility), accuracy against uploaded bytes (utility-communication), audit PSNR against
+epsilon, the empirical epsilon against the accountant's, accuracy against membership AUC - as mean and standard
 deviation over seeds of each setting (the swept keys other than ``seed``), the mean
 accuracy curve of each setting, and the runs table.
 
@@ -27,9 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..run.results import (DiskFullError, RunFileError, atomic_write, disk_full_as_error, read_json_object, read_jsonl,
-                           read_metrics)
+from ..run.results import (DiskFullError, RunFileError, atomic_write, disk_full_as_error, draw_epsilon, has_epsilon,
+                           read_json_object, read_jsonl, read_metrics)
 
+MEMBERSHIP_TPR = "membership_tpr_at_0.1%_fpr"  # audit.jsonl's key (fedsim.audit.membership)
 MARKERS = ("o", "s", "^", "D")  # with 10 colours: settings beyond 10 stay distinguishable
 LINES = ("-", "--", ":", "-.")
 
@@ -158,12 +161,20 @@ def _check_fields(path: Path, rows: list[dict[str, Any]], numbers: tuple[str, ..
                                    f"{'an integer' if key in integers else 'text' if key in texts else 'a number'}")
 
 
+def _interval(summary: dict[str, Any]) -> str | None:
+    """The estimate's interval as text (an unbounded end: inf), or None without an estimate."""
+    if "epsilon_est" not in summary:
+        return None
+    low, high = summary.get("epsilon_est_low"), summary.get("epsilon_est_high")
+    return f"{_fmt(low) if low is not None else 0} .. {_fmt(high) if high is not None else 'inf'}"
+
+
 def _audit_rows(run: Path) -> list[dict[str, Any]]:
     f = run / "audit.jsonl"
     if not f.is_file():
         return []
     rows = read_jsonl(f)
-    _check_fields(f, rows, (), optional=("psnr", "ssim", "label_accuracy", "i2f_psnr", "cw_ssim"),
+    _check_fields(f, rows, (), optional=("psnr", "ssim", "label_accuracy", "i2f_psnr", "cw_ssim", "membership_auc"),
                   integers=("round", "client"), texts=("attack", "threat"))
     for n, r in enumerate(rows, 1):  # a picture in audit/, by its plain name
         name = r.get("reconstruction")
@@ -175,14 +186,19 @@ def _audit_rows(run: Path) -> list[dict[str, Any]]:
 def _run_body(root: Path) -> tuple[str, str]:
     summary = read_json_object(root / "summary.json")
     rows = read_metrics(root)
-    _check_fields(root / "metrics.jsonl", rows, ("accuracy", "bytes_up", "bytes_down"), optional=("epsilon",))
+    _check_fields(root / "metrics.jsonl", rows, ("accuracy", "bytes_up", "bytes_down"),
+                  optional=("epsilon", "epsilon_est", "epsilon_est_low", "epsilon_est_high"))
     audit = _audit_rows(root)
     rounds = [r["round"] for r in rows]
     parts = [_table(["metric", "value"], [
         ["final accuracy", summary.get("accuracy")], ["best accuracy", summary.get("best_accuracy")],
         ["rounds", summary.get("rounds")], ["bytes up", summary.get("bytes_up_total")],
         ["bytes down", summary.get("bytes_down_total")], ["client failures", summary.get("failures_total")],
-        ["epsilon", summary.get("epsilon")], ["audit: worst PSNR (dB)", summary.get("audit_worst_psnr")],
+        ["epsilon", summary.get("epsilon")],
+        ["empirical epsilon (canaries, " + str(summary.get("epsilon_est_threat", "-")) + ")", summary.get("epsilon_est")],
+        ["empirical epsilon: interval", _interval(summary)],
+        ["audit: worst PSNR (dB)", summary.get("audit_worst_psnr")],
+        ["audit: worst membership AUC", summary.get("audit_worst_membership_auc")],
         ["audit: worst CW-SSIM", summary.get("audit_worst_cw_ssim")],
         ["wall time (s)", summary.get("wall_s")]])]
 
@@ -197,12 +213,8 @@ def _run_body(root: Path) -> tuple[str, str]:
         ax.legend(fontsize=8)
 
     parts += [_plot(root, "accuracy", accuracy), _plot(root, "bytes", traffic)]
-    if any(r.get("epsilon") is not None for r in rows):
-        def epsilon(ax):
-            pts = [(r["round"], r["epsilon"]) for r in rows if r.get("epsilon") is not None]
-            ax.plot(*zip(*pts), marker=".")
-            ax.set(xlabel="round", ylabel="epsilon (spent so far)")
-        parts.append(_plot(root, "epsilon", epsilon))
+    if has_epsilon(rows):  # the accountant's epsilon and the canaries' estimate, with its interval
+        parts.append(_plot(root, "epsilon", lambda ax: draw_epsilon(ax, rows, summary.get("epsilon_est_threat"))))
     scored = [r for r in audit if r.get("psnr") is not None]
     if scored:
         def psnr(ax):
@@ -215,9 +227,12 @@ def _run_body(root: Path) -> tuple[str, str]:
         parts.append(_plot(root, "audit_psnr", psnr))
     if audit:
         parts.append("<h2>Audit: reconstructions (truth on top)</h2>")
-        parts.append(_table(["round", "client", "attack", "threat", "PSNR", "SSIM", "label acc", "I2F PSNR"],
+        member = any("membership_auc" in r for r in audit)  # membership inference's columns, when it ran
+        parts.append(_table(["round", "client", "attack", "threat", "PSNR", "SSIM", "label acc", "I2F PSNR",
+                             *(["membership AUC", "TPR at 0.1% FPR"] if member else [])],
                             [[r["round"], r["client"], r["attack"], r["threat"], r.get("psnr"), r.get("ssim"),
-                              r.get("label_accuracy"), r.get("i2f_psnr")] for r in audit]))
+                              r.get("label_accuracy"), r.get("i2f_psnr"),
+                              *([r.get("membership_auc"), r.get(MEMBERSHIP_TPR)] if member else [])] for r in audit]))
         for r in audit:
             png = root / "audit" / str(r.get("reconstruction", ""))
             if png.is_file():
@@ -265,12 +280,12 @@ def _sweep_body(root: Path) -> tuple[str, str]:
     stats = []
     for label, rs in groups.items():
         s = {"setting": label, "runs": len(rs)}
-        for c in ("accuracy", "best_accuracy", "bytes_up_total", "epsilon", "audit_worst_psnr", "audit_worst_ssim",
-                  "audit_worst_cw_ssim"):
+        for c in ("accuracy", "best_accuracy", "bytes_up_total", "epsilon", "epsilon_est", "audit_worst_psnr",
+                  "audit_worst_ssim", "audit_worst_cw_ssim", "audit_worst_membership_auc"):
             s[c] = _mean_sd([r.get(c) for r in rs])
         stats.append(s)
-    header = ["setting", "runs", "accuracy", "best accuracy", "MB up", "epsilon", "audit worst PSNR", "audit SSIM",
-              "audit CW-SSIM"]
+    header = ["setting", "runs", "accuracy", "best accuracy", "MB up", "epsilon", "empirical epsilon",
+              "audit worst PSNR", "audit SSIM", "audit CW-SSIM", "membership AUC"]
 
     def cell(ms, scale=1.0, digits=3):
         m, sd = ms
@@ -278,11 +293,20 @@ def _sweep_body(root: Path) -> tuple[str, str]:
 
     parts.append("<h2>Settings (mean ± std over seeds)</h2>")
     parts.append(_table(header, [[s["setting"], s["runs"], cell(s["accuracy"]), cell(s["best_accuracy"]),
-                                  cell(s["bytes_up_total"], 1e-6), cell(s["epsilon"]), cell(s["audit_worst_psnr"]),
-                                  cell(s["audit_worst_ssim"]), cell(s["audit_worst_cw_ssim"])] for s in stats]))
+                                  cell(s["bytes_up_total"], 1e-6), cell(s["epsilon"]), cell(s["epsilon_est"]),
+                                  cell(s["audit_worst_psnr"]), cell(s["audit_worst_ssim"]),
+                                  cell(s["audit_worst_cw_ssim"]), cell(s["audit_worst_membership_auc"])]
+                                 for s in stats]))
 
     def frontier(xkey, ykey, xlabel, ylabel, xscale=1.0):
         def draw(ax):
+            if (xkey, ykey) == ("epsilon", "epsilon_est"):  # the bound: an estimate above it is a finding
+                both = [v for s in stats if not (math.isnan(s[xkey][0]) or math.isnan(s[ykey][0]))
+                        for v in (s[xkey][0], s[ykey][0])]
+                low, top = (min(both), max(both)) if min(both) > 0 else (0.0, max(both))
+                ax.plot([low, top], [low, top], color="grey", lw=0.8, ls="--", label="estimate = accountant")
+                if low > 0:  # epsilons span decades: log axes
+                    ax.set(xscale="log", yscale="log")
             for i, s in enumerate(stats):
                 (xm, xs), (ym, ys) = s[xkey], s[ykey]
                 if math.isnan(xm) or math.isnan(ym):
@@ -296,7 +320,10 @@ def _sweep_body(root: Path) -> tuple[str, str]:
     wide = (9.0, 3.8)  # room for the legend beside the axes
     plots = [("audit_worst_psnr", "accuracy", "audit worst PSNR (dB)", "final accuracy", "privacy_utility"),
              ("bytes_up_total", "accuracy", "MB uploaded", "final accuracy", "utility_communication"),
-             ("epsilon", "audit_worst_psnr", "epsilon", "audit worst PSNR (dB)", "psnr_epsilon")]
+             ("epsilon", "audit_worst_psnr", "epsilon", "audit worst PSNR (dB)", "psnr_epsilon"),
+             ("epsilon", "epsilon_est", "accountant epsilon", "empirical epsilon (canaries)", "empirical_epsilon"),
+             ("audit_worst_membership_auc", "accuracy", "membership AUC (worst)", "final accuracy",
+              "membership_utility")]
     parts.append("<h2>Frontiers</h2>")
     for xkey, ykey, xl, yl, name in plots:
         if any(not math.isnan(s[xkey][0]) and not math.isnan(s[ykey][0]) for s in stats):

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..run.outdir import OutputDirError, check_output_dir, check_output_path, claim_output_dir, hold_folder
 from ..run.results import DiskFullError, atomic_write
 from ..scenario.schema import Scenario, ScenarioError, apply_overrides, load_raw, parse_scenario
-from .runs_csv import COLUMNS, read_csv  # noqa: F401  (read_csv: the sweep's reader, also here)
+from .runs_csv import COLUMNS, more_figures, read_csv  # noqa: F401  (read_csv: the sweep's reader, also here)
 
 SEP = "__"
 
@@ -289,6 +289,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         # I2F's prediction for the worst-PSNR audit (only where a defense or codec perturbed the upload)
         "audit_i2f_psnr": worst.get("i2f_psnr") if worst else None,
         "audits": len(audit), "failures_total": summary["failures_total"], "wall_s": summary["wall_s"],
+        **more_figures(summary, audit),
     }
 
 

@@ -176,6 +176,44 @@ class ResultsWriter:
                 plt.close(fig)
 
 
+def has_epsilon(rows: list[dict[str, Any]]) -> bool:
+    """Whether metrics.jsonl ``rows`` carry an accountant's ``epsilon`` or an empirical ``epsilon_est``
+    (an unbounded estimate is written as None but still has its key)."""
+    return any(r.get("epsilon") is not None or "epsilon_est" in r for r in rows)
+
+
+def draw_epsilon(ax, rows: list[dict[str, Any]], threat: str | None = None) -> None:
+    """The accountant's epsilon (``epsilon``, spent so far) and the empirical estimate (``epsilon_est``
+    with its interval ``epsilon_est_low`` .. ``epsilon_est_high``, fedsim.privacy.run) against rounds, on
+    ``ax``, whichever of the two ``rows`` carry. An estimate or interval end that is unbounded (None in
+    metrics.jsonl) is drawn at the top of the axes, marked as such. ``threat``: the estimate's threat model
+    (summary.json's ``epsilon_est_threat``), for the legend."""
+    accountant = [(r["round"], r["epsilon"]) for r in rows if r.get("epsilon") is not None]
+    estimated = [r for r in rows if "epsilon_est" in r]
+    finite = [v for r in estimated for v in (r.get("epsilon_est"), r.get("epsilon_est_low"),
+                                             r.get("epsilon_est_high")) if v is not None]
+    finite += [e for _, e in accountant]
+    top = 1.15 * max(finite) if finite else 1.0
+    if accountant:
+        ax.plot(*zip(*accountant), marker=".", color="C0", label="accountant (upper bound)")
+    if estimated:
+        x = [r["round"] for r in estimated]
+        low = [r.get("epsilon_est_low") or 0.0 for r in estimated]
+        high = [r["epsilon_est_high"] if r.get("epsilon_est_high") is not None else top for r in estimated]
+        ax.fill_between(x, low, high, color="C1", alpha=0.2, step=None, label="estimate's interval")
+        bounded = [(r["round"], r["epsilon_est"]) for r in estimated if r.get("epsilon_est") is not None]
+        if bounded:
+            ax.plot(*zip(*bounded), marker="o", ms=3, color="C1",
+                    label="empirical (canaries)" + (f", {threat}" if threat else ""))
+        unbounded = [r["round"] for r in estimated if r.get("epsilon_est") is None]
+        if unbounded:
+            ax.plot(unbounded, [top] * len(unbounded), "^", color="C3", label="empirical: unbounded")
+    ax.set_ylim(0, top * 1.05)
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon")
+    ax.legend(fontsize=7)
+
+
 class RunFileError(ValueError):
     """A file of a run folder that cannot be read as fedsim wrote it (not UTF-8, not JSON, the wrong
     shape); the message is one line naming the file and the problem."""
