@@ -58,27 +58,14 @@ def test_canaries_refuse_adaptive_clipping():
 def test_canaries_survive_an_interrupted_run(tmp_path, monkeypatch, one_torch_thread):
     """The canary observer's state (theta_0, the all-iterates maxima) and the wrapper ride the checkpoint:
     a run cut after round 3 and resumed writes the rows of the run left alone."""
-    from fedsim.run import apps
-    from fedsim.run.observers import ProgressObserver
     from fedsim.run.resume import main as resume_main
+    from tests.test_resume import _interrupted, _metrics
 
     raw = small_raw(train__rounds=4, defense={"name": "dp_user", "noise_multiplier": 1.0},
                     privacy={**PRIVACY, "threat": "all_iterates", "unobserved": 100, "every": 2})
     run_scenario(parse_scenario(raw), tmp_path / "alone", progress=False)
-
-    class CtrlC(ProgressObserver):
-        def on_round(self, record):
-            super().on_round(record)
-            if record.server_round == 3:
-                raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(apps, "ProgressObserver", CtrlC)
-        with pytest.raises(KeyboardInterrupt):
-            run_scenario(parse_scenario(raw), tmp_path / "cut", progress=False)
+    _interrupted(raw, tmp_path / "cut", at=3, monkeypatch=monkeypatch)
     assert resume_main([str(tmp_path / "cut"), "--quiet"]) == 0
-    wall = ("wall_s", "elapsed_s")
-    alone, cut = ([{k: v for k, v in r.items() if k not in wall} for r in read_metrics(tmp_path / d)]
-                  for d in ("alone", "cut"))
-    assert cut == alone
+    alone = _metrics(tmp_path / "alone")
+    assert _metrics(tmp_path / "cut") == alone
     assert [r["round"] for r in alone if "epsilon_est" in r] == [2, 4]  # every 2 (and the last)

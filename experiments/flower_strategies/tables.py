@@ -19,16 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-def _uploads_tables():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("uploads_tables", HERE.parent / "uploads" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ms, rows, run_files = (getattr(_uploads_tables(), n) for n in ("ms", "rows", "run_files"))
+from experiments.uploads.tables import ms, rows, run_files  # noqa: E402  (the installed package)
 
 ROUNDS = (5, 10, 20, 30, 40)
 
