@@ -70,6 +70,15 @@ def _seed(text):
     return v
 
 
+def _device(text):
+    from fedsim.world.device import device_problem  # engine.device's names and check
+
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _dropout(text):
     v = float(text)
     if not 0.0 <= v < 1.0:
@@ -115,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once the loss has not improved for this many iterations (0: run the whole budget)")
     p.add_argument("--stop-tol", type=_nonneg_float, help="relative improvement that counts for --stop-patience")
     p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--device", type=_device, help="where the attack computes: auto (cuda if torch sees one, else "
+                   "mps, else cpu), cpu, cuda, cuda:N, mps; the case is built and scored on the CPU")
     p.add_argument("--out", help="output folder (default runs/attacks/<attack>-<model>-<dataset>-b<B>-s<S>)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the results of an earlier attack in the output folder (cleared first)")
@@ -124,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULTS = dict(attack="dlg", model="lenet", dataset="digits", batch_size=1, seed=0, threat="gradient",
                 local_steps=1, local_lr=0.1, local_batch_size=None, dropout=0.0, image_size=None,
                 init=None, labels_known=False, true_masks=False, iterations=None, restarts=None,
-                stop_patience=None, stop_tol=None, threads=None, out=None, overwrite=False, attack_config={})
+                stop_patience=None, stop_tol=None, threads=None, device="auto", out=None, overwrite=False,
+                attack_config={})
 
 
 def resolve(argv: list[str] | None) -> dict:
@@ -199,7 +211,9 @@ def attack_config(settings: dict, case) -> dict:
         if settings[key] is not None:
             cfg[key] = settings[key]
     if settings["true_masks"] and case is not None:
-        cfg["dropout_masks"] = case.masks
+        from fedsim.world.device import resolve_device
+
+        cfg["dropout_masks"] = [m.to(resolve_device(settings["device"])) for m in case.masks]
     cfg.update(settings["attack_config"])
     return cfg
 
@@ -239,7 +253,9 @@ def run(settings: dict) -> dict:
 
 
 def _attack_and_write(settings: dict, case, attack, out: Path) -> dict:
-    rec = attack.reconstruct(case.observation)
+    from fedsim.world.device import use_device
+
+    rec = attack.reconstruct(case.observation.to(use_device(settings["device"])))  # comes back on the CPU
     scores = evaluate(rec.images, case.images, rec.hard_labels(), case.labels)
     order = torch.as_tensor(scores["matching"])
     save_grid(out / "reconstruction.png", case.images, rec.images[order])

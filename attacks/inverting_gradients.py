@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Reconstruction, register
+from .base import Attack, Reconstruction, register, seeded_generator
 from .label_assignment import assign_labels, needs_assignment
 from .label_recovery import batch_labels
 from .objective import (batch_gradients, cosine_distance, leaf_parameters, local_sgd_update, observed_target,
@@ -134,7 +134,7 @@ class InvertingGradientsAttack(Attack):
         if self.label_assignment == "sorted" or not needs_assignment(obs):
             return labels, 0
         # A generator of its own, so the attack's image init is the same as with given labels.
-        gen = torch.Generator().manual_seed(self.seed + ASSIGNMENT_SEED_OFFSET)
+        gen = seeded_generator(self.seed + ASSIGNMENT_SEED_OFFSET)
         return assign_labels(obs, labels, iterations=self.assign_iterations, lr=self.lr, tv=self.tv, gen=gen), \
             self.assign_iterations
 

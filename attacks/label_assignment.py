@@ -36,6 +36,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .objective import cosine_distance, leaf_parameters, local_sgd_update, observed_target, project, total_variation
+from .base import seeded_generator
 from .observation import Observation
 
 SINKHORN_ITERATIONS = 20
@@ -63,9 +64,9 @@ def sinkhorn(logits: torch.Tensor, counts: torch.Tensor, iterations: int = SINKH
 
 def round_assignment(plan: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The hard assignment closest to ``plan`` that uses class j exactly ``counts[j]`` times."""
-    slots = np.repeat(np.arange(plan.shape[1]), counts.to(torch.int64).numpy())
-    _, chosen = linear_sum_assignment(-np.log(plan.detach().numpy()[:, slots] + 1e-12))
-    return torch.as_tensor(slots[chosen], dtype=torch.int64)
+    slots = np.repeat(np.arange(plan.shape[1]), counts.to(torch.int64).cpu().numpy())
+    _, chosen = linear_sum_assignment(-np.log(plan.detach().cpu().numpy()[:, slots] + 1e-12))
+    return torch.as_tensor(slots[chosen], dtype=torch.int64, device=plan.device)
 
 
 def assign_labels(obs: Observation, labels: torch.Tensor, *, iterations: int = 250, lr: float = 0.1,
@@ -73,7 +74,7 @@ def assign_labels(obs: Observation, labels: torch.Tensor, *, iterations: int = 2
     """The recovered multiset ``labels`` placed on the observation's samples (module docstring)."""
     if len(labels) != obs.batch_size:
         raise ValueError(f"{len(labels)} labels for {obs.batch_size} samples")
-    gen = gen or torch.Generator().manual_seed(0)
+    gen = gen or seeded_generator(0)
     counts = torch.bincount(labels, minlength=obs.num_classes)
     classes = torch.nonzero(counts).flatten()
     if len(classes) < 2 or not needs_assignment(obs):

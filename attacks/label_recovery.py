@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 
 from .llg import LLG_VARIANTS, llg_counts
+from .base import seeded_generator
 from .observation import Observation
 
 LABEL_METHODS = ("bias", *LLG_VARIANTS)
@@ -94,7 +95,7 @@ def idlg_label(obs: Observation) -> torch.Tensor:
 
 
 def _mean_probe_softmax(obs: Observation, probes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     lo, hi = obs.data_range
     x = lo + (hi - lo) * torch.rand(probes, *obs.input_shape, generator=gen)
     _, linear, _ = obs.last_linear()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import seeded_generator
 from .observation import Observation
 
 LLG_VARIANTS = ("llg", "llg+", "llg*")
@@ -115,7 +116,7 @@ def impact_and_offset(obs: Observation, variant: str, *, aux=None, dummy: str = 
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     batch, k = obs.batch_size, obs.num_classes
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     impact = 0.0
     offset = torch.zeros(k, dtype=torch.float64)
     for per_class in _estimation_inputs(obs, variant, aux, dummy, repeats, gen):

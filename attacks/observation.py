@@ -46,6 +46,7 @@ Depends on torch only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -198,6 +199,24 @@ class Observation:
         obs.validate()
         return obs
 
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self) -> torch.device:
+        """Where the observed model is: where an attack on this observation computes."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "Observation":
+        """This observation on ``device``: the model, the upload, the support masks, the wire and the labels
+        (the schedule's indices stay on the CPU; indexing moves them)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        move = (lambda ts: None if ts is None else [t.to(device) for t in ts])  # noqa: E731
+        return dataclasses.replace(
+            self, model=copy.deepcopy(self.model).to(device), gradients=move(self.gradients), update=move(self.update),
+            support=move(self.support), wire=None if self.wire is None else self.wire.to(device),
+            labels=None if self.labels is None else self.labels.to(device))
+
     # ------------------------------------------------------------------ views
     @property
     def threat(self) -> str:
@@ -265,7 +284,7 @@ class Observation:
             if self.support is not None:
                 raise ValueError("an observation matches either a support or a wire, not both")
             d = sum(t.numel() for t in self.upload())
-            mapped = self.wire_map(torch.zeros(d))
+            mapped = self.wire_map(torch.zeros(d, device=self.wire.device))
             if self.wire.dim() != 1 or mapped.shape != self.wire.shape:
                 raise ValueError(f"wire must be 1-D with wire_map's output shape {tuple(mapped.shape)}, "
                                  f"got {tuple(self.wire.shape)}")

@@ -102,11 +102,14 @@ class DpSgdClient(ClientDefense):
         return PrivateTraining(self.step, state)
 
     def private_gradient(self, model, x, y, config, num_examples, seed):
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
+        from strategies.trainer import forked_rng, seed_dropout
+
+        with forked_rng(x.device):
+            seed_dropout(seed, x.device)
             model.train()
             return private_gradient(model, x, y, self.step, num_examples, int(config["batch-size"]),
-                                    int(config["local-epochs"]), torch.Generator().manual_seed(seed + 1))
+                                    int(config["local-epochs"]),
+                                    torch.Generator(device=x.device).manual_seed(seed + 1))  # Opacus draws there
 
 
 class DpSgd(Defense):
@@ -340,7 +343,10 @@ class PrivateTraining:
         q = 1.0 / k
         sigma = noise_multiplier_for(p, q, self.rounds * s.local_epochs * k)
         accountant = load_accountant(self.state, p.accountant)
-        noise_gen = torch.Generator().manual_seed(int(np.random.default_rng([s.seed, DP_NOISE_STREAM]).integers(2**62)))
+        # On the parameters' device: Opacus draws the noise there from this generator (its _generate_noise),
+        # so the noise on a GPU is another draw of the same distribution than on the CPU.
+        noise_gen = torch.Generator(device=trainer.params[0].device).manual_seed(
+            int(np.random.default_rng([s.seed, DP_NOISE_STREAM]).integers(2**62)))
         # torch.optim.SGD, not LocalSGD: Opacus's DPOptimizer wraps a torch Optimizer (same update rule).
         sgd = torch.optim.SGD(trainer.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         dp_settings = dict(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
@@ -360,14 +366,15 @@ class PrivateTraining:
             # Opacus's hooks on the first layer see an input that needs no gradient: harmless, said each step.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             model.train()
-            for idx in trainer.schedule:
+            device = trainer.data.x.device  # the schedule is drawn on the CPU; its indices copied once
+            for idx in [i.to(device) for i in trainer.schedule]:
                 optimizer.zero_grad(set_to_none=True)
                 if len(idx):
                     loss = batch_loss(trainer.data.x[idx], trainer.data.y[idx])
                     loss.backward()
                 else:  # an empty Poisson batch: no per-sample gradients, the step is noise alone
                     for prm in trainer.params:  # (what a forward pass on 0 samples gives; ew refuses one)
-                        prm.grad_sample = torch.zeros((0, *prm.shape), dtype=prm.dtype)
+                        prm.grad_sample = torch.zeros((0, *prm.shape), dtype=prm.dtype, device=prm.device)
                         prm.grad = torch.zeros_like(prm)  # ghost clipping's optimizer sums .grad
                 if optimizer.pre_step():  # clip, sum, noise, scale; the accountant steps here
                     if extra_loss is not None:  # FedProx: data-independent, added after privatising

@@ -36,7 +36,8 @@ def noise(update: Tensors, variance: float, distribution: str, generator: torch.
         else:  # Laplace(0, b) has variance 2 b^2; drawn by inversion from a seeded uniform
             u = torch.rand(v.shape, generator=generator, dtype=torch.float64) - 0.5
             z = -math.sqrt(variance / 2) * torch.sign(u) * torch.log1p(-2 * u.abs())
-        out[k] = (v.double() + z).to(v.dtype)
+        # Drawn on the CPU generator (the same noise on every device), added where the update is.
+        out[k] = (v.double() + z.to(v.device)).to(v.dtype)
     return out
 
 

@@ -85,6 +85,11 @@ class ClientJob:
     sent: dict[str, torch.Tensor] = field(default_factory=dict)  # the global state dict, as received
     private: Any = None  # DP-SGD for this round (defenses.dp_sgd.PrivateTraining), as the message asks
 
+    @property
+    def device(self) -> torch.device:
+        """Where this client computes (its data and model are there; records load there)."""
+        return self.data.x.device
+
     def trainer(self) -> LocalTrainer:
         return LocalTrainer(self.model, self.data, self.settings, private=self.private)
 
@@ -133,14 +138,34 @@ class VectorRule:
         loss), differentiable in ``weights``; None for none."""
         return None
 
-    def before_step(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The stacked gradients as the SGD step should see them (before weight decay and momentum)."""
+    def gradients(self, loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                  weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One step's (each client's data loss [clients], detached; the stacked gradients of its objective).
+        ``loss_of(params)``: the step's batch loss of every client at stacked ``params``, differentiable.
+        Default: the gradient of loss + ``extra_loss`` at ``weights``; a rule that takes more than one
+        gradient a step (FedSpeed's SAM) overrides it."""
+        params = {k: w.detach().requires_grad_() for k, w in weights.items()}
+        loss = loss_of(params)
+        extra = self.extra_loss(params)
+        objective = loss if extra is None else loss + extra
+        grads = torch.autograd.grad(objective.sum(), list(params.values()))
+        return loss.detach(), dict(zip(params, grads))
+
+    def before_step(self, grads: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The stacked gradients as the SGD step should see them (before weight decay and momentum);
+        ``weights`` the stacked parameters the step starts from (read only)."""
         return grads
 
     def finish(self, jobs: list[ClientJob], weights: dict[str, torch.Tensor], steps: list[int]) -> list[dict[str, Any]]:
         """After the last step (``weights`` trained, ``steps`` each client's step count): each client's
-        extra upload records, its ``Context.state`` (``job.state``) written as its algorithm writes it."""
+        extra upload records, its ``Context.state`` (``job.state``) written as its algorithm writes it.
+        A rule whose client uploads something other than its trained weights replaces entries of
+        ``weights`` (new tensors: the trained ones may be shared)."""
         return [{} for _ in jobs]
+
+    def metrics(self, i: int) -> dict[str, float]:
+        """What client ``i``'s algorithm adds to its reported metrics (after ``finish``)."""
+        return {}
 
 
 def fixed_sample_size(num_clients: int, participation: float) -> int:

@@ -83,7 +83,7 @@ from flwr.serverapp import Grid
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, VectorRule
 from .stateful import DeltaStrategy, NDArrays, Reply, flat, load_state, save_state
 from .upload import Upload
 
@@ -278,31 +278,57 @@ class FedCEClient(ClientAlgorithm):
     params: FedCEParams
 
     def train(self, job: ClientJob) -> Upload:
-        model, data, state = job.model, job.data, job.state
-        global_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        acc_global = accuracy(model, data.x_val, data.y_val)  # performance fairness
-        weight = float(job.content[MESSAGE_KEY]["weight"]) if MESSAGE_KEY in job.content else 0.0
-        last = load_state(state, LAST_MODEL_KEY)
-        hist = state.get(HISTORY_KEY)
-        v_sum, v_count = (float(hist["v_sum"]), float(hist["v_count"])) if hist is not None else (0.0, 0.0)
-        if last is not None and 0.0 < weight < 1.0 and len(data.y_val) > 0:
-            model.load_state_dict(minus_model(global_sd, last, weight))
-            v_sum += accuracy(model, data.x_val, data.y_val)
-            v_count += 1
-            model.load_state_dict(global_sd)
-        elif self.params.nvflare:  # NVFlare records 0 when it has no minus model
-            v_count += 1
-        state[HISTORY_KEY] = ConfigRecord({"v_sum": v_sum, "v_count": v_count})
-
+        scores = score_before_training(job, self.params)
         trainer = job.trainer()
         metrics = trainer.run()
-        save_state(state, LAST_MODEL_KEY, model.state_dict())
-        metrics.update({
-            "fedce_sd": 1.0 - v_sum / v_count if v_count else 0.0,
+        save_state(job.state, LAST_MODEL_KEY, job.model.state_dict())
+        return job.upload(trainer, {**metrics, **scores})
+
+
+def score_before_training(job: ClientJob, params: FedCEParams) -> dict[str, float]:
+    """What a FedCE client measures before it trains (``job.model`` holding the received global): the
+    global's accuracy on its validation split (performance fairness) and its minus model's, whose running
+    mean (in ``Context.state``) gives s_d; returns the metrics it reports beside its training metrics."""
+    model, data, state = job.model, job.data, job.state
+    global_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    acc_global = accuracy(model, data.x_val, data.y_val)
+    weight = float(job.content[MESSAGE_KEY]["weight"]) if MESSAGE_KEY in job.content else 0.0
+    last = load_state(state, LAST_MODEL_KEY, job.device)
+    hist = state.get(HISTORY_KEY)
+    v_sum, v_count = (float(hist["v_sum"]), float(hist["v_count"])) if hist is not None else (0.0, 0.0)
+    if last is not None and 0.0 < weight < 1.0 and len(data.y_val) > 0:
+        model.load_state_dict(minus_model(global_sd, last, weight))
+        v_sum += accuracy(model, data.x_val, data.y_val)
+        v_count += 1
+        model.load_state_dict(global_sd)
+    elif params.nvflare:  # NVFlare records 0 when it has no minus model
+        v_count += 1
+    state[HISTORY_KEY] = ConfigRecord({"v_sum": v_sum, "v_count": v_count})
+    return {"fedce_sd": 1.0 - v_sum / v_count if v_count else 0.0,
             "fedce_has_sd": 1.0 if v_count else 0.0,
-            "val_acc_global": acc_global,
-        })
-        return job.upload(trainer, metrics)
+            "val_acc_global": acc_global}
+
+
+class FedCEVectorRule(VectorRule):
+    """``FedCEClient`` on stacked clients: its local training is plain SGD; before it, each client scores
+    the received global and its minus model on its validation split (``score_before_training``, one client
+    at a time: evaluation, not training); after it, each keeps its trained model in ``Context.state``."""
+
+    params: FedCEParams
+
+    def start(self, jobs, weights) -> None:
+        self.scores = []
+        for job in jobs:
+            job.model.load_state_dict(job.sent)  # the template holds each client's received global in turn
+            self.scores.append(score_before_training(job, self.params))
+
+    def finish(self, jobs, weights, steps):
+        for i, job in enumerate(jobs):
+            save_state(job.state, LAST_MODEL_KEY, {k: w[i] for k, w in weights.items()})
+        return [{} for _ in jobs]
+
+    def metrics(self, i: int) -> dict[str, float]:
+        return self.scores[i]
 
 
 SPEC = StrategySpec(
@@ -310,4 +336,5 @@ SPEC = StrategySpec(
     params=FedCEParams,
     server=lambda params, settings: FedCEStrategy(params, settings),
     client=FedCEClient,
+    vector_rule=FedCEVectorRule,
 )

@@ -255,10 +255,12 @@ class FedImproClient(ClientAlgorithm):
         num_classes = num_classes_of(model)
         with torch.no_grad():
             feat_shape = tuple(low(data.x[:1]).shape[1:])
-        est = load_state(job.state, LOCAL_KEY)
+        device = job.device  # seeded draws below are made on the CPU and moved (same draws on every device)
+        est = load_state(job.state, LOCAL_KEY, device)
         if est is None or tuple(est["mu"].shape) != (num_classes, *feat_shape):
-            est = {"mu": torch.zeros(num_classes, *feat_shape), "sigma": torch.zeros(num_classes, *feat_shape),
-                   "seen_mu": torch.zeros(num_classes), "seen_sigma": torch.zeros(num_classes)}
+            est = {"mu": torch.zeros(num_classes, *feat_shape, device=device),
+                   "sigma": torch.zeros(num_classes, *feat_shape, device=device),
+                   "seen_mu": torch.zeros(num_classes, device=device), "seen_sigma": torch.zeros(num_classes, device=device)}
         counts = torch.bincount(data.y, minlength=num_classes).float()
         if p.fidelity == "reference":
             return self._train_reference(job, low, high, num_classes, feat_shape, counts)
@@ -267,7 +269,7 @@ class FedImproClient(ClientAlgorithm):
         ramp = float(job.content["config"].get("fedimpro-ramp", 0.0))
         fake_mu = fake_sigma = fake_classes = None
         if GLOBAL_KEY in job.content and ramp > 0:
-            g = to_torch(job.content[GLOBAL_KEY])
+            g = to_torch(job.content[GLOBAL_KEY], device)
             fake_classes = torch.nonzero(g["known"] > 0).flatten()
             fake_mu, fake_sigma = g["mu"], g["sigma"].abs()
 
@@ -281,7 +283,7 @@ class FedImproClient(ClientAlgorithm):
                 per = len(yb) // len(fake_classes) + 1
                 y_fake = fake_classes.repeat(per)
                 h_fake = fake_mu[y_fake] + fake_sigma[y_fake] * torch.randn(
-                    (len(y_fake), *feat_shape), generator=fake_gen)
+                    (len(y_fake), *feat_shape), generator=fake_gen).to(device)
                 out = high(torch.cat([h, h_fake]))
                 loss = nn.functional.cross_entropy(out[: len(yb)], yb)
                 loss_fake = nn.functional.cross_entropy(out[len(yb):], y_fake)
@@ -292,8 +294,8 @@ class FedImproClient(ClientAlgorithm):
         save_state(job.state, LOCAL_KEY, est)
 
         noise = torch.Generator().manual_seed(settings.seed + 2)
-        up_mu = est["mu"] + p.noise_std * torch.randn(est["mu"].shape, generator=noise)
-        up_sigma = est["sigma"] + p.noise_std * torch.randn(est["sigma"].shape, generator=noise)
+        up_mu = est["mu"] + p.noise_std * torch.randn(est["mu"].shape, generator=noise).to(device)
+        up_sigma = est["sigma"] + p.noise_std * torch.randn(est["sigma"].shape, generator=noise).to(device)
         stats = to_record({"mu": up_mu, "sigma": up_sigma, "count": counts})
         metrics = {**trainer.metrics(), "fake_loss": total_fake / max(trainer.steps, 1)}
         return job.upload(trainer, metrics, {UPLOAD_KEY: stats})
@@ -305,12 +307,13 @@ class FedImproClient(ClientAlgorithm):
         config = job.content["config"] if "config" in job.content else {}
         ramp = float(config.get("fedimpro-ramp", 0.0))
         shape = (num_classes, *feat_shape)
-        g = to_torch(job.content[GLOBAL_KEY]) if GLOBAL_KEY in job.content else None
+        device = job.device  # seeded draws below are made on the CPU and moved (same draws on every device)
+        g = to_torch(job.content[GLOBAL_KEY], device) if GLOBAL_KEY in job.content else None
         if g is not None and tuple(g["mu"].shape) == shape:  # every round from the global estimator
             mu, sigma = g["mu"].clone(), g["sigma"].clone()
         else:  # the initial estimator, the same on every client
             init = torch.Generator().manual_seed(int(config.get("seed", 0)))
-            mu, sigma = torch.rand(shape, generator=init), torch.full(shape, p.feature_std)
+            mu, sigma = torch.rand(shape, generator=init).to(device), torch.full(shape, p.feature_std, device=device)
         # sic (see the docstring): the size of the official, flattened mean feature, C*H*W
         weight = min(1.0, math.prod(feat_shape) / float(p.ema_count or REFERENCE_EMA_COUNT))
 
@@ -318,8 +321,8 @@ class FedImproClient(ClientAlgorithm):
         fake_gen = torch.Generator().manual_seed(settings.seed + 1)
         total_fake = 0.0
         for xb, yb in trainer.batches():
-            y_fake = torch.arange(num_classes).repeat(len(yb) // num_classes + 1)
-            h_fake = mu[y_fake] + sigma[y_fake] * torch.randn((len(y_fake), *feat_shape), generator=fake_gen)
+            y_fake = torch.arange(num_classes, device=device).repeat(len(yb) // num_classes + 1)
+            h_fake = mu[y_fake] + sigma[y_fake] * torch.randn((len(y_fake), *feat_shape), generator=fake_gen).to(device)
             h = low(xb)
             out = high(torch.cat([h, h_fake]))
             loss = nn.functional.cross_entropy(out[: len(yb)], yb)
@@ -330,8 +333,8 @@ class FedImproClient(ClientAlgorithm):
 
         if p.noise_std > 0:  # the official upload-noise option
             noise = torch.Generator().manual_seed(settings.seed + 2)
-            mu = mu + p.noise_std * torch.randn(mu.shape, generator=noise)
-            sigma = sigma + p.noise_std * torch.randn(sigma.shape, generator=noise)
+            mu = mu + p.noise_std * torch.randn(mu.shape, generator=noise).to(device)
+            sigma = sigma + p.noise_std * torch.randn(sigma.shape, generator=noise).to(device)
         stats = to_record({"mu": mu, "sigma": sigma, "count": counts})
         metrics = {**trainer.metrics(), "fake_loss": total_fake / max(trainer.steps, 1)}
         return job.upload(trainer, metrics, {UPLOAD_KEY: stats})

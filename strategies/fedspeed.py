@@ -47,7 +47,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, model_delta
+from .base import ClientAlgorithm, ClientJob, ServerSettings, StrategySpec, UploadView, VectorRule, model_delta
 from .stateful import DeltaStrategy, NDArrays, Reply, examples_or_uniform, load_state, save_state, weighted_sum
 from .upload import Upload
 
@@ -112,7 +112,7 @@ class FedSpeedClient(ClientAlgorithm):
         trainer = job.trainer()
         params = trainer.params
         anchor = [q.detach().clone() for q in params]
-        stored = load_state(job.state, STATE_KEY)
+        stored = load_state(job.state, STATE_KEY, job.device)
         h = [stored[n] for n in names] if stored is not None else [torch.zeros_like(a) for a in anchor]
 
         for xb, yb in trainer.batches():
@@ -155,6 +155,69 @@ class FedSpeedClient(ClientAlgorithm):
         return job.upload(trainer)
 
 
+class FedSpeedVectorRule(VectorRule):
+    """``FedSpeedClient`` on stacked clients (``engine.name: vectorized``), both fidelity modes: per step
+    each client's SAM pair of gradients (its own ascent direction, normalised by its own gradient norm),
+    its dual h_i and prox correction, its own gradient-norm clip; then h_i updated in each client's
+    ``Context.state`` and, under ``server_correction: participants``, x_hat uploaded."""
+
+    params: FedSpeedParams
+
+    def start(self, jobs, weights) -> None:
+        self.anchor = {k: w.detach().clone() for k, w in weights.items()}
+        stored = [load_state(job.state, STATE_KEY, job.device) for job in jobs]
+        self.h = {k: torch.stack([s[k] if s is not None else torch.zeros_like(w[0]) for s in stored])
+                  for k, w in weights.items()}
+
+    def gradients(self, loss_of, weights):
+        p = self.params
+        params = {k: w.detach().requires_grad_() for k, w in weights.items()}
+        loss = loss_of(params)
+        g1 = dict(zip(params, torch.autograd.grad(loss.sum(), list(params.values()))))
+        if p.rho == 0 or p.alpha == 0:
+            return loss.detach(), g1
+        sam_eps = 1e-7 if p.fidelity == "reference" else 1e-12  # ESAM's, fedsim's (FedSpeedClient)
+        scale = p.rho / (_client_norms(g1) + sam_eps)
+        perturbed = {k: (w.detach() + _per_client(scale, g1[k]) * g1[k]).requires_grad_() for k, w in weights.items()}
+        g2 = torch.autograd.grad(loss_of(perturbed).sum(), list(perturbed.values()))
+        return loss.detach(), {k: (1 - p.alpha) * g1[k] + p.alpha * b for k, b in zip(params, g2)}
+
+    def before_step(self, grads, weights):
+        p, reference = self.params, self.params.fidelity == "reference"
+        d = {}
+        for k, g in grads.items():
+            d[k] = g - self.h[k]
+            if reference:  # lamb * (H_i - w_t); lamb * w is added after clipping
+                d[k] = d[k] - p.lamb * self.anchor[k]
+            elif p.lamb:
+                d[k] = d[k] + p.lamb * (weights[k] - self.anchor[k])
+        if p.max_norm > 0:  # torch.nn.utils.clip_grad_norm_, each client over all its parameters
+            coef = (p.max_norm / (_client_norms(d) + 1e-6)).clamp(max=1.0)
+            d = {k: v * _per_client(coef, v) for k, v in d.items()}
+        if reference and p.lamb:  # the official optimiser's weight decay is wd + lamb
+            d = {k: v + p.lamb * weights[k] for k, v in d.items()}
+        return d
+
+    def finish(self, jobs, weights, steps):
+        lamb = self.params.lamb
+        h_new = {k: self.h[k] - lamb * (weights[k] - self.anchor[k]) for k in weights}
+        for i, job in enumerate(jobs):
+            save_state(job.state, STATE_KEY, {k: h[i] for k, h in h_new.items()})
+        if self.params.server_correction == "participants" and lamb > 0:  # x_hat = w_K - h / lamb
+            for k in list(weights):
+                weights[k] = weights[k] - h_new[k] / lamb
+        return [{} for _ in jobs]
+
+
+def _client_norms(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each client's L2 norm over all its stacked tensors: [clients]."""
+    return torch.sqrt(sum((t * t).flatten(1).sum(1) for t in tensors.values()))
+
+
+def _per_client(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
 def observe(sent, reply, params: FedSpeedParams) -> UploadView:
     what = "x_hat = w_K - h_i / lamb" if params.server_correction == "participants" and params.lamb > 0 else "w_K"
     return UploadView(model_delta(sent, reply), exact=False,
@@ -167,4 +230,5 @@ SPEC = StrategySpec(
     client=FedSpeedClient,
     observe=observe,
     plain_local_step=False,  # SAM's two gradients a step / a loss on synthetic features
+    vector_rule=FedSpeedVectorRule,
 )

@@ -106,9 +106,11 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: decode(v, writable=True) for k, v in record.items()}
 
 
-def to_torch(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Torch tensors (own memory) of a record's arrays, by name: a loadable state dict."""
-    return {k: torch.from_numpy(decode(v, writable=True)) for k, v in record.items()}
+def to_torch(record: ArrayRecord, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Torch tensors (own memory) of a record's arrays, by name: a loadable state dict; on ``device``
+    when given (a record is always read on the CPU)."""
+    out = {k: torch.from_numpy(decode(v, writable=True)) for k, v in record.items()}
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
 
 
 class CachedHeaderArray(Array):

@@ -90,9 +90,9 @@ class ScaffoldClient(ClientAlgorithm):
 
     def train(self, job: ClientJob) -> Upload:
         model, data = job.model, job.data
-        c = to_torch(job.content[SERVER_KEY])
+        c = to_torch(job.content[SERVER_KEY], job.device)
         x = param_tensors(model)
-        c_i = load_state(job.state, STATE_KEY) or {k: torch.zeros_like(v) for k, v in x.items()}
+        c_i = load_state(job.state, STATE_KEY, job.device) or {k: torch.zeros_like(v) for k, v in x.items()}
         correction = {k: c[k] - c_i[k] for k in x}
         if self.params.variant == "I":
             model.train()
@@ -124,14 +124,15 @@ class ScaffoldVectorRule(VectorRule):
     def start(self, jobs, weights) -> None:
         self.c, self.c_i = [], []
         for job in jobs:
-            c = to_torch(job.content[SERVER_KEY])
+            c = to_torch(job.content[SERVER_KEY], job.device)
             self.c.append(c)
-            self.c_i.append(load_state(job.state, STATE_KEY) or {k: torch.zeros_like(w[0]) for k, w in weights.items()})
+            self.c_i.append(load_state(job.state, STATE_KEY, job.device)
+                            or {k: torch.zeros_like(w[0]) for k, w in weights.items()})
         self.x = {k: w.detach().clone() for k, w in weights.items()}
         self.correction = {k: torch.stack([c[k] - c_i[k] for c, c_i in zip(self.c, self.c_i)]) for k in weights}
         self.grad_x = stacked_full_gradient(jobs, self.x) if self.params.variant == "I" else None
 
-    def before_step(self, grads):
+    def before_step(self, grads, weights):
         return {k: g + self.correction[k] for k, g in grads.items()}
 
     def finish(self, jobs, weights, steps):
@@ -161,8 +162,8 @@ def stacked_full_gradient(jobs, weights: dict[str, torch.Tensor], batch: int = 1
     for s in range(0, max(sizes, default=0), batch):
         rows = min(batch, max(sizes) - s)
         x = x0.new_zeros((len(jobs), rows, *x0.shape[1:]))
-        y = torch.zeros(len(jobs), rows, dtype=torch.long)
-        w = torch.zeros(len(jobs), rows)
+        y = torch.zeros(len(jobs), rows, dtype=torch.long, device=x0.device)
+        w = torch.zeros(len(jobs), rows, device=x0.device)
         for i, job in enumerate(jobs):
             part = slice(s, min(s + rows, sizes[i]))
             m = max(0, part.stop - part.start)

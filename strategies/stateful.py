@@ -31,10 +31,10 @@ NDArrays = dict[str, np.ndarray]
 # ----------------------------------------------------------------------------- records <-> tensors
 
 
-def load_state(state: RecordDict, key: str) -> dict[str, torch.Tensor] | None:
-    """Named tensors stored under ``key`` in a client's ``Context.state``, or None."""
+def load_state(state: RecordDict, key: str, device: torch.device | None = None) -> dict[str, torch.Tensor] | None:
+    """Named tensors stored under ``key`` in a client's ``Context.state`` (on ``device`` when given), or None."""
     rec = state.get(key)
-    return to_torch(rec) if rec is not None else None
+    return to_torch(rec, device) if rec is not None else None
 
 
 def save_state(state: RecordDict, key: str, tensors: dict[str, Any]) -> None:

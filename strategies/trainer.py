@@ -55,6 +55,27 @@ def client_seed(scenario_seed: int, server_round: int, partition_id: int) -> int
     return int(np.random.default_rng([scenario_seed, CLIENT_STREAM, server_round, partition_id]).integers(2**62))
 
 
+def seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the generator dropout masks draw from: the default CPU generator, and ``device``'s own where
+    the model computes elsewhere (a CUDA or MPS dropout draws there). (torch.manual_seed would also
+    queue a lazy seeding of every CUDA device, recording a stack trace: ~1 ms a call.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                      ].manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+
+
+def forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU's generator and ``device``'s: draws inside leave the
+    caller's random streams as they were."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 @dataclass
 class ClientData:
     partition_id: int
@@ -94,9 +115,7 @@ class LocalTrainer:
         self.private = private
         if private is not None:
             sampler = private.sampler()
-        # Dropout masks draw from the default CPU generator. (torch.manual_seed would also queue
-        # a lazy CUDA seeding that records a stack trace: ~1 ms a call.)
-        torch.default_generator.manual_seed(settings.seed)
+        seed_dropout(settings.seed, data.x.device)
         self.schedule: list[torch.Tensor] = (sampler or EpochShuffleSampler()).schedule(data.num_examples, settings)
         self.params = list(model.parameters())
         self.optimizer = LocalSGD(self.params, lr=settings.lr, momentum=settings.momentum,
@@ -108,7 +127,8 @@ class LocalTrainer:
         if self.private is not None:  # validation refuses these strategies; never train non-privately
             raise RuntimeError("dp_sgd privatises only the trainer's plain run()")
         self.model.train()
-        for idx in self.schedule:
+        device = self.data.x.device  # the schedule is drawn on the CPU (same batches on every device)
+        for idx in [i.to(device) for i in self.schedule]:  # one copy of the indices, before the first step
             yield self.data.x[idx], self.data.y[idx]
 
     def gradient(self, loss: torch.Tensor) -> list[torch.Tensor]:

@@ -128,3 +128,20 @@ def test_more_actors_than_the_cluster_has_cpus_is_bad_input(local_ray, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err == "fedsim: error: engine.ray.num_actors: 3 actors need 3 CPUs; the Ray cluster has 2", err
     assert not out.exists()
+
+
+def test_device_round_matches_inline_on_cpu(local_ray, tmp_path):
+    """engine.device on ray, given explicitly: the last device torch sees (cpu here; cuda, with a GPU share
+    per client actor, where there is one): the metrics are the inline run's without a device setting (on
+    the CPU bit for bit; tests/test_devices.py)."""
+    from fedsim.scenario import parse_scenario
+    from tests.conftest import small_raw
+    from tests.test_devices import DEVICE_ROUND, DEVICES, _assert_same, _metrics
+
+    device = DEVICES[-1]
+    baseline = {} if device == "cpu" else {"engine__device": "cpu"}
+    run_scenario(parse_scenario(small_raw(**DEVICE_ROUND, **baseline)), tmp_path / "inline", progress=False)
+    raw = small_raw(**DEVICE_ROUND, engine__name="ray", engine__device=device,
+                    engine__ray={"num_actors": 1, "num_gpus_per_client": 0.5 if device == "cuda" else 0.0})
+    run_scenario(parse_scenario(raw), tmp_path / "ray", progress=False)
+    _assert_same(_metrics(tmp_path / "ray"), _metrics(tmp_path / "inline"), device)

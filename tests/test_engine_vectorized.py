@@ -95,6 +95,12 @@ def test_the_split_has_short_batches_and_unequal_clients():
     ({"name": "scaffold", "variant": "I", "weighting": "examples"}, {}),
     ({"name": "fedadam"}, {}),  # Flower's classes whose client is FedAvg's: the same rule
     ({"name": "krum"}, {}),
+    # SAM's two gradients a step, each client's dual, clip and x_hat upload; max_norm small enough to clip
+    ({"name": "fedspeed", "max_norm": 0.5}, {"train__momentum": 0.5}),
+    ({"name": "fedspeed", "fidelity": "reference", "alpha": 1.0}, {"train__weight_decay": 1e-3}),
+    ({"name": "fedspeed", "alpha": 0.5, "server_correction": "all", "lamb": 0.0}, {}),
+    ({"name": "fedce"}, {}),  # scores before training on each client's validation split, last model kept
+    ({"name": "fedce", "fidelity": "nvflare-main", "mode": "times"}, {}),
 ])
 def test_vectorized_matches_inline(tmp_path, monkeypatch, one_torch_thread, strategy, overrides):
     raw = hetero_raw(strategy, **overrides)
@@ -128,7 +134,7 @@ def test_a_codec_and_the_clip_defense_compose(tmp_path, monkeypatch, one_torch_t
 
 @pytest.mark.parametrize("overrides, where, what", [
     ({"strategy": {"name": "qfedavg"}}, "engine.name:", "qfedavg"),
-    ({"strategy": {"name": "fedspeed"}}, "engine.name:", "fedspeed"),
+    ({"strategy": {"name": "fedimpro"}}, "engine.name:", "fedimpro"),
     ({"defense": {"name": "dp_sgd", "noise_multiplier": 1.0}}, "defense.name:", "dp_sgd"),
     ({"defense": [{"name": "clip", "max_norm": 1.0}, {"name": "dp_user", "noise_multiplier": 0.1,
                                                        "clipping_norm": 1.0}]}, "defense.1.name:", "dp_user"),
@@ -255,3 +261,36 @@ def test_an_interrupted_vectorized_run_resumes_to_the_same_metrics(tmp_path, mon
     _interrupted(raw, tmp_path / "cut", at=3, monkeypatch=monkeypatch)
     assert resume_main([str(tmp_path / "cut"), "--quiet"]) == 0
     _assert_same_run(tmp_path / "cut", tmp_path / "alone")
+
+
+def test_ray_actors_train_their_share_vectorised(local_ray, tmp_path, monkeypatch, one_torch_thread):
+    """engine.ray.vectorized: each of two actors trains its share of a round together (chunks of 2); the run
+    is the inline engine's up to float reduction order, as engine vectorized's is."""
+    raw = hetero_raw({"name": "scaffold"})
+    inline = run(raw, "inline", tmp_path / "inline", monkeypatch)
+    final = {}
+    run_rounds = apps.run_rounds
+
+    def spy_rounds(*args, **kwargs):
+        final["arrays"] = run_rounds(*args, **kwargs)
+        return final["arrays"]
+
+    monkeypatch.setattr(apps, "run_rounds", spy_rounds)
+    raw = {**raw, "engine": {"name": "ray", "ray": {"num_actors": 2, "vectorized": True}, "vectorized": {"chunk": 2}}}
+    summary = run_scenario(parse_scenario(raw), tmp_path / "ray", progress=False)
+    arrays = {k: v.numpy().astype(np.float64) for k, v in final["arrays"].items()}
+    rel = max_relative(inline["arrays"], arrays)
+    # not 0: the actors trained vectorised (a per-client Ray run is the inline run bit for bit)
+    assert 0 < rel <= TOLERANCE
+    rows = read_metrics(tmp_path / "ray")
+    assert [r["participants"] for r in rows] == [r["participants"] for r in inline["rows"]]
+    assert summary["failures_total"] == 0
+    assert all(b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5) for a, b in zip(inline["rows"], rows))
+
+
+def test_ray_vectorized_refuses_what_engine_vectorized_refuses():
+    raw = small_raw(strategy={"name": "fedimpro"})
+    raw["engine"] = {"name": "ray", "ray": {"vectorized": True}}
+    with pytest.raises(ScenarioError, match=r"^engine\.ray\.vectorized: engine\.ray\.vectorized trains only .*"
+                                            r"set engine\.ray\.vectorized: false$"):
+        parse_scenario(raw)

@@ -5,6 +5,7 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 import fedsim.world.build as world_mod
 from fedsim.scenario import ScenarioError, parse_scenario
@@ -86,9 +87,10 @@ def test_the_client_model_cache_is_bounded():
     from fedsim.run import apps
 
     worlds = [build_world(parse_scenario(small_raw(seed=seed))) for seed in range(world_mod.MAX_WORLDS + 2)]
-    models = [apps._model_of(w) for w in worlds]
+    cpu = torch.device("cpu")
+    models = [apps._model_of(w, cpu) for w in worlds]
     assert len(apps._models) <= world_mod.MAX_WORLDS
-    assert apps._model_of(worlds[-1]) is models[-1]
+    assert apps._model_of(worlds[-1], cpu) is models[-1]
 
 
 def test_client_without_training_sample_is_bad_input(builds):

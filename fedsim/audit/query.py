@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from strategies.records import to_record, to_torch
+from strategies.trainer import forked_rng, seed_dropout
 
 from .targets import AUDIT_STREAM, query_batch
 
@@ -18,8 +19,8 @@ QUERY_GRADIENT = "audit_gradient"  # the ClientApp query action ("query.audit_gr
 def batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """d(mean cross-entropy)/d(parameters) on (x, y), dropout active as in training, without
     touching the caller's random streams."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+    with forked_rng(x.device):
+        seed_dropout(seed, x.device)
         was = model.training
         model.train()
         loss = nn.functional.cross_entropy(model(x), y)

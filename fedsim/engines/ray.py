@@ -65,7 +65,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -86,7 +86,7 @@ class ClientAppActor:
     """Hosts one ClientApp in one worker process; turned into a Ray actor by ``RayGrid``."""
 
     def __init__(self, client_app: ClientApp, torch_threads: int, setup: Callable[[], None] | None,
-                 await_world: bool = False):
+                 await_world: bool = False, vectorized_chunk: int | None = None):
         if setup is not None:  # first: an actor that cannot start says so before paying for torch
             setup()
         import torch
@@ -101,7 +101,8 @@ class ClientAppActor:
         if not await_world:
             self._world.set()
         self._world_error: BaseException | None = None
-        self._finished: list[tuple[Message, Context, float]] = []
+        self._finished: list[tuple[Message, Context, float] | None] = []
+        self._chunk = vectorized_chunk  # engine.ray.vectorized: train messages trained together in chunks
 
     def adopt(self, scenario_yaml: str, world) -> None:
         """Take the driver's world (from the object store) instead of building one here."""
@@ -115,24 +116,37 @@ class ClientAppActor:
             self._world.set()
 
     def run(self, calls: list[tuple[Message, Context]]) -> tuple[list[tuple[Message, Context, float]], float]:
-        """Each message's (reply, Context, when it finished), and the time it returns: on this process's
-        monotonic clock, so the driver can tell which replies were ready before its deadline."""
+        """Each message's (reply, Context, when it finished), in the order of ``calls``, and the time it
+        returns: on this process's monotonic clock, so the driver can tell which replies were ready before
+        its deadline. With ``engine.ray.vectorized`` the training messages are trained together first
+        (``fedsim.engines.vectorized.train_in_chunks``), then the others one by one."""
         self._world.wait()
-        self._finished = done = []  # a fresh list per call: ``finished`` never mixes two calls
-        for msg, context in calls:
-            if self._world_error is not None:
-                error = Error(code=ErrorCode.CLIENT_APP_CRASHED,
-                              reason=f"ClientApp actor has no data: {type(self._world_error).__name__}: "
-                                     f"{self._world_error}")
-                done.append((Message(error, reply_to=msg), None, time.monotonic()))
-            else:
-                reply = call_client(self.client_app, msg, context)
-                done.append((reply, context, time.monotonic()))
+        # a fresh list per call (``finished`` never mixes two calls); None: not finished yet
+        self._finished = done = [None] * len(calls)
+        if self._world_error is not None:
+            error = Error(code=ErrorCode.CLIENT_APP_CRASHED,
+                          reason=f"ClientApp actor has no data: {type(self._world_error).__name__}: "
+                                 f"{self._world_error}")
+            for i, (msg, _) in enumerate(calls):
+                done[i] = (Message(error, reply_to=msg), None, time.monotonic())
+            return done, time.monotonic()
+        if self._chunk is not None:
+            from .vectorized import VectorizedClient, train_in_chunks
+
+            train = [VectorizedClient(str(i), msg, context) for i, (msg, context) in enumerate(calls)
+                     if msg.metadata.message_type == MessageType.TRAIN]
+            for part in train_in_chunks(train, self._chunk):
+                finished_at = time.monotonic()
+                for c in part:
+                    done[int(c.mid)] = (c.reply, c.context, finished_at)
+        for i, (msg, context) in enumerate(calls):
+            if done[i] is None:
+                done[i] = (call_client(self.client_app, msg, context), context, time.monotonic())
         return done, time.monotonic()
 
-    def finished(self) -> tuple[list[tuple[Message, Context, float]], float]:
-        """What the running (or last) call has finished so far, for a batch the driver gives up on
-        (stamped as ``run``'s are), and the time now."""
+    def finished(self) -> tuple[list[tuple[Message, Context, float] | None], float]:
+        """What the running (or last) call has finished so far (None for a message not finished yet), for
+        a batch the driver gives up on (stamped as ``run``'s are), and the time now."""
         return list(self._finished), time.monotonic()
 
 
@@ -153,10 +167,10 @@ class RayActorExecutor:
     (one process that imports torch and the attacks once; a task per job could start a fresh
     worker process each time)."""
 
-    def __init__(self, num_cpus: float, torch_threads: int = 1):
+    def __init__(self, num_cpus: float, torch_threads: int = 1, num_gpus: float = 0.0):
         import ray
 
-        self._actor = ray.remote(_Runner).options(num_cpus=num_cpus).remote(torch_threads)
+        self._actor = ray.remote(_Runner).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(torch_threads)
 
     def submit(self, fn, *args):
         return self._actor.run.remote(fn, *args).future()
@@ -187,21 +201,39 @@ def _audits(scenario_yaml: str | None) -> bool:
     return (yaml.safe_load(scenario_yaml) or {}).get("audit", "none") not in ("none", None)
 
 
+def _audit_gpus(scenario_yaml: str | None) -> float:
+    """The audit actor's GPU share: ``engine.ray.num_gpus_audit`` (default a client actor's share) when the
+    audit computes on a GPU (``audit.device``, else ``engine.device``, not cpu), else none."""
+    if not _audits(scenario_yaml):
+        return 0.0
+    from ..scenario.schema import scenario_from_text
+
+    s = scenario_from_text(scenario_yaml)
+    if s.audit_device() in ("cpu", "mps"):  # Ray shares out CUDA GPUs only
+        return 0.0
+    ray_cfg = s.engine.ray
+    return ray_cfg.num_gpus_audit if ray_cfg.num_gpus_audit is not None else ray_cfg.num_gpus_per_client
+
+
 class RayGrid(SimulatedNodesGrid):
     """A Grid whose nodes are served by a pool of Ray actors. Use as a context manager."""
 
     def __init__(self, num_nodes: int, run_config: dict, config: RayConfig | None = None, run_id: int = 1, *,
                  torch_threads: int = 1, client_app: ClientApp | None = None,
-                 setup: Callable[[], None] | None = None):
-        """``setup`` runs once in every actor before it serves (e.g. to register plug-in strategies)."""
+                 setup: Callable[[], None] | None = None, vectorized_chunk: int | None = None):
+        """``setup`` runs once in every actor before it serves (e.g. to register plug-in strategies);
+        ``vectorized_chunk``: each actor trains its share of a round together, in chunks of this many
+        clients (``engine.ray.vectorized``)."""
         if client_app is None:
             from ..run.apps import client_app as fedsim_client_app
 
             client_app = fedsim_client_app
         self.config = config or RayConfig()
         self.client_app, self.torch_threads, self.setup = client_app, torch_threads, setup
+        self.vectorized_chunk = vectorized_chunk
         super().__init__(num_nodes, run_config, run_id)
         self._started_ray = self._joined_ray = False
+        self._audit_gpus = 0.0  # the audit actor's GPU share (``_start_pool``)
         self.actors: list = []
         self._free: deque = deque()
         self._pending: deque[tuple[str, Message]] = deque()
@@ -260,6 +292,9 @@ class RayGrid(SimulatedNodesGrid):
         if wanted > fits:
             raise ScenarioError(f"engine.ray.num_actors: {wanted} actors need {wanted * cfg.num_cpus_per_client:g} "
                                 f"CPUs; the Ray cluster has {cpus:g}")
+        self._audit_gpus = _audit_gpus(scenario_yaml)
+        if cfg.num_gpus_per_client > 0 or self._audit_gpus > 0:
+            fits = min(fits, self._gpu_fits(wanted))
         if not wanted and fits >= 2 and _audits(scenario_yaml):
             # The audit's attacks get a CPU of their own (its actor takes num_cpus 1 when one is
             # spare): overlapping them with training beats oversubscribing every core
@@ -267,7 +302,8 @@ class RayGrid(SimulatedNodesGrid):
             fits -= 1
         size = max(1, min(wanted or fits, len(self.contexts)))
         # Two threads: ``run`` and, when the driver gives a call up, ``finished`` (see the class).
-        self._actor_cls = ray.remote(ClientAppActor).options(num_cpus=cfg.num_cpus_per_client, max_concurrency=2)
+        self._actor_cls = ray.remote(ClientAppActor).options(num_cpus=cfg.num_cpus_per_client,
+                                                             num_gpus=cfg.num_gpus_per_client, max_concurrency=2)
         self._await_world = world_job is not None
         self._world_args: tuple = ()
         # Created asynchronously: the actors import torch and Flower while the server sets up.
@@ -279,8 +315,33 @@ class RayGrid(SimulatedNodesGrid):
         self._free = deque(self.actors)
         return self
 
+    def _gpu_fits(self, wanted: int) -> int:
+        """How many client actors the Ray nodes' GPUs hold at ``num_gpus_per_client`` each, once the audit
+        actor's share is set aside on the node with the most GPUs (it would otherwise wait for ever)."""
+        import ray
+
+        share = self.config.num_gpus_per_client
+        node_gpus = sorted((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")),
+                           reverse=True) or [0.0]
+        if self._audit_gpus > 0:
+            if node_gpus[0] < self._audit_gpus:
+                raise ScenarioError(f"engine.ray.num_gpus_audit: the audit actor needs {self._audit_gpus:g} GPUs, but "
+                                    f"the largest Ray node has {node_gpus[0]:g}")
+            node_gpus[0] -= self._audit_gpus
+        if share == 0:
+            return len(self.contexts)
+        fits = sum(int(g // share + 1e-9) for g in node_gpus)
+        if fits == 0:
+            raise ScenarioError(f"engine.ray.num_gpus_per_client: {share:g} GPUs per client actor, but the Ray nodes "
+                                f"have {', '.join(f'{g:g}' for g in node_gpus)} GPUs free: no client could ever run")
+        if wanted > fits:
+            raise ScenarioError(f"engine.ray.num_actors: {wanted} actors need {wanted * share:g} GPUs; the Ray nodes "
+                                f"have {sum(node_gpus):g} free")
+        return fits
+
     def _new_actor(self):
-        actor = self._actor_cls.remote(self.client_app, self.torch_threads, self.setup, self._await_world)
+        actor = self._actor_cls.remote(self.client_app, self.torch_threads, self.setup, self._await_world,
+                                       self.vectorized_chunk)
         self._starting[actor.__ray_ready__.remote()] = actor
         if self._world_args:
             self._adopt(actor)
@@ -322,7 +383,7 @@ class RayGrid(SimulatedNodesGrid):
         import ray
 
         spare = float(ray.cluster_resources().get("CPU", 0)) - len(self.actors) * self.config.num_cpus_per_client
-        return RayActorExecutor(num_cpus=1 if spare >= 1 else 0)
+        return RayActorExecutor(num_cpus=1 if spare >= 1 else 0, num_gpus=self._audit_gpus)
 
     # ------------------------------------------------------------------ Grid
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -411,7 +472,10 @@ class RayGrid(SimulatedNodesGrid):
                     finished = []
             if len(finished) > len(batch):  # not this call's list (cannot happen: one call at a time)
                 finished = []
-            for (mid, msg), (reply, context, finished_at) in zip(batch, finished):
+            for (mid, msg), entry in zip(batch, finished):
+                if entry is None:
+                    continue  # not finished when the call was given up
+                reply, context, finished_at = entry
                 if self._late(mid, finished_at, actor_now, seen[asks[ref]]):
                     continue  # ready only after the deadline: a timeout, as if it never came
                 if context is not None:

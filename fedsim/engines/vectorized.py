@@ -13,7 +13,8 @@ round's clients are cut into chunks (``engine.vectorized.chunk``), and each chun
   gradients of the sum of the clients' losses (clients share no parameter, so each client's slice is
   its own gradient), with what the strategy adds to plain local SGD (its ``VectorRule``,
   ``StrategySpec.vector_rule``: FedProx's proximal term, SCAFFOLD's correction and control variates,
-  option I's full local gradient included).
+  option I's full local gradient included; FedSpeed's SAM gradient pair, dual and per-client clip;
+  FedCE's scores before training).
 
 Each client then goes through the ClientApp's own reply path (``fedsim.run.apps.train_reply``: the
 update defenses, the codec with its node's ``Context.state``, the metrics), so replies have exactly the
@@ -24,7 +25,7 @@ The result is the inline engine's up to float reduction order (``tests/test_engi
 global arrays within 1e-5 relative), the same from run to run.
 
 What it refuses, at validation (``fedsim.scenario.schema._vectorized_refusal``, one line each): a
-strategy without a vectorised rule (``StrategySpec.vector_rule``; fedavg, fedprox and scaffold have one),
+strategy without a vectorised rule (``StrategySpec.vector_rule``; fedimpro and qfedavg have none),
 or hyperparameters its rule says it cannot train (``VectorRule.unsupported``); defenses that run the
 local training themselves (DP-SGD) or wrap the whole client call (Flower's client-side clipping mod):
 both are per client by construction; models with dropout (each client's masks come from its own seeded
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ from torch.func import functional_call, vmap
 
 from strategies import ClientJob, TrainSettings, get_strategy
 from strategies.records import to_torch
-from strategies.trainer import EpochShuffleSampler
+from strategies.trainer import EpochShuffleSampler, seed_dropout
 from strategies.upload import Upload
 
 from .inline import InlineGrid, context_copy, own_copy
@@ -63,7 +64,7 @@ DEFAULT_CHUNK = 32
 # ----------------------------------------------------------------------------- training a chunk
 
 
-class _Client:
+class VectorizedClient:
     """One training message on its way through the engine."""
 
     def __init__(self, mid: str, msg: Message, context):
@@ -85,7 +86,7 @@ def _group_key(msg: Message) -> tuple:
                                           "momentum", "weight-decay"))
 
 
-def train_chunk(clients: list[_Client]) -> None:
+def train_chunk(clients: list[VectorizedClient]) -> None:
     """Train ``clients`` (one group: same settings) together; set each one's reply."""
     from defenses.client import client_defenses, private_training
 
@@ -103,7 +104,7 @@ def train_chunk(clients: list[_Client]) -> None:
         if private_training(d, c.context.state) is not None:
             raise RuntimeError("engine vectorized cannot run a defense's private training")
         settings = TrainSettings.from_config(cconfig, data.partition_id)
-        sent = _sent_weights(c.msg.content["arrays"], decoded)
+        sent = _sent_weights(c.msg.content["arrays"], decoded, data.x.device)
         jobs.append(ClientJob(model, data, settings, c.msg.content, c.context.state, sent))
         defenses.append(d)
         schedules.append(EpochShuffleSampler().schedule(data.num_examples, settings))
@@ -113,24 +114,24 @@ def train_chunk(clients: list[_Client]) -> None:
     weights, steps, losses = train_stacked(model, jobs, schedules, rule, names)
     extras = rule.finish(jobs, weights, steps)
     for i, (c, job) in enumerate(zip(clients, jobs)):
-        metrics = {"train_loss": losses[i] / max(steps[i], 1), "local_steps": float(steps[i])}
+        metrics = {"train_loss": losses[i] / max(steps[i], 1), "local_steps": float(steps[i]), **rule.metrics(i)}
         # its slice of the stacked weights (a view: what follows reads it, or replaces it with a new tensor)
         upload = Upload({k: weights[k][i] for k in job.sent}, job.sent, metrics, extras[i], schedules[i])
         # The inline client leaves the default generator seeded with its seed (nothing drew from it without
         # dropout); whatever runs after training sees the same state here.
-        torch.default_generator.manual_seed(job.settings.seed)
+        seed_dropout(job.settings.seed, job.device)
         try:
             c.reply = train_reply(c.msg, c.context, upload, defenses[i], job.data)
         except Exception as exc:  # noqa: BLE001 - a failing client is data, as on the inline engine
             c.reply = _error_reply(exc, c.msg)
 
 
-def _sent_weights(record, decoded: dict) -> dict[str, torch.Tensor]:
-    """The weights a message sent, decoded once for every message that carries the same arrays (a round's
-    messages share their Array objects; the tensors are only read)."""
+def _sent_weights(record, decoded: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The weights a message sent, on ``device``, decoded (and copied there) once for every message that
+    carries the same arrays (a round's messages share their Array objects; the tensors are only read)."""
     key = tuple(id(a) for a in record.values())
     if key not in decoded:
-        decoded[key] = (record, to_torch(record))  # the record kept: its Arrays' ids stay theirs
+        decoded[key] = (record, to_torch(record, device))  # the record kept: its Arrays' ids stay theirs
     return decoded[key][1]
 
 
@@ -151,7 +152,8 @@ def train_stacked(model: nn.Module, jobs: list[ClientJob], schedules: list[list[
         weights = {k: torch.stack([job.sent[k].to(dtypes[k]) for job in jobs]) for k in names}
     shared = {k for k, w in weights.items() if w.stride(0) == 0 or n_clients == 1}  # never written in place
     rule.start(jobs, weights)
-    loss_sum = torch.zeros(n_clients, dtype=torch.float64)
+    device = jobs[0].device
+    loss_sum = torch.zeros(n_clients, dtype=torch.float64, device=device)
     if k_max == 0:
         return weights, steps, loss_sum.tolist()
     # Every client's data in one tensor; each step's batches as indices into it ([step, client, row]).
@@ -167,24 +169,24 @@ def train_stacked(model: nn.Module, jobs: list[ClientJob], schedules: list[list[
             real[: len(sched), i, : rows.shape[1]] = rows >= 0
         offset += job.data.num_examples
     index[~real] = 0  # any row (weight 0)
+    index, real = index.to(device), real.to(device)  # built from the CPU schedules, copied once
     # each real row weighs 1/(its batch's size): cross_entropy's mean over the rows the batch has
     row_weight = real / real.sum(-1, keepdim=True).clamp(min=1)
-    active = torch.arange(k_max).unsqueeze(1) < torch.tensor(steps).unsqueeze(0)  # [step, client]
+    active = (torch.arange(k_max).unsqueeze(1) < torch.tensor(steps).unsqueeze(0)).to(device)  # [step, client]
     lr, momentum, weight_decay = s.lr, s.momentum, s.weight_decay
     buffers: dict[str, torch.Tensor] = {}
     model.train()
     forward = vmap(lambda p, x: functional_call(model, p, (x,)))
     for t in range(k_max):
-        params = {k: w.detach().requires_grad_() for k, w in weights.items()}
         idx = index[t]
         x, y = x_all[idx], y_all[idx]  # [client, row, ...]
-        logits = forward(params, x)
-        per_row = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        loss = (per_row.view(n_clients, batch) * row_weight[t]).sum(1)  # [client]
-        extra = rule.extra_loss(params)
-        objective = loss if extra is None else loss + extra
-        grads = dict(zip(names, torch.autograd.grad(objective.sum(), [params[k] for k in names])))
-        grads = rule.before_step(grads)
+
+        def loss_of(params, x=x, y=y, w=row_weight[t]) -> torch.Tensor:  # [client]
+            per_row = nn.functional.cross_entropy(forward(params, x).flatten(0, 1), y.flatten(), reduction="none")
+            return (per_row.view(n_clients, batch) * w).sum(1)
+
+        loss, grads = rule.gradients(loss_of, weights)
+        grads = rule.before_step(grads, weights)
         mask = active[t]
         every = bool(mask.all())  # the usual case: no client has finished yet
         with torch.no_grad():
@@ -209,7 +211,7 @@ def train_stacked(model: nn.Module, jobs: list[ClientJob], schedules: list[list[
                 else:  # a finished client does not move
                     weights[k] = torch.where(_expand(mask, w), w.add(g, alpha=-lr), w)
                     shared.discard(k)
-            loss_sum += torch.where(mask, loss.detach().double(), 0.0)
+            loss_sum += torch.where(mask, loss.double(), 0.0)
     return weights, steps, loss_sum.tolist()
 
 
@@ -242,25 +244,33 @@ class VectorizedGrid(InlineGrid):
         if not train:
             return super()._deliver(messages, deadline)
         chosen = {id(m) for m in train}
-        clients = [_Client(self.assign_id(m), own_copy(m), context_copy(self.contexts[m.metadata.dst_node_id]))
-                   for m in train]
+        clients = [VectorizedClient(self.assign_id(m), own_copy(m),
+                                    context_copy(self.contexts[m.metadata.dst_node_id])) for m in train]
         others = iter(super()._deliver([m for m in messages if id(m) not in chosen], deadline))
-        groups: dict[tuple, list[_Client]] = {}
-        for c in clients:
-            groups.setdefault(_group_key(c.msg), []).append(c)
-        chunks = [part for group in groups.values() for part in _even_parts(group, self.chunk)]
-        for part in chunks:
-            if deadline is not None and time.monotonic() > deadline:
-                break  # out of time: the chunks not started never run (their nodes get no reply: a timeout)
-            try:
-                train_chunk(part)
-            except Exception as exc:  # noqa: BLE001 - the chunk's clients fail, the round goes on
-                for c in part:
-                    c.reply = _error_reply(exc, c.msg)
-            if deadline is not None and time.monotonic() > deadline:
-                break  # returned too late: dropped, Contexts included, as the inline engine drops a late call
-            for c in part:  # as the inline engine keeps a returned call's Context
-                self.contexts[c.context.node_id] = c.context
-                self._replies[c.mid] = c.reply
+        if deadline is None or time.monotonic() <= deadline:
+            for part in train_in_chunks(clients, self.chunk):
+                if deadline is not None and time.monotonic() > deadline:
+                    # returned too late: dropped, Contexts included, as the inline engine drops a late call;
+                    # the chunks not started never run (their nodes get no reply: a timeout)
+                    break
+                for c in part:  # as the inline engine keeps a returned call's Context
+                    self.contexts[c.context.node_id] = c.context
+                    self._replies[c.mid] = c.reply
         ids = {id(m): c.mid for m, c in zip(train, clients)}
         return [ids[id(m)] if id(m) in ids else next(others) for m in messages]
+
+
+def train_in_chunks(clients: list[VectorizedClient], chunk: int) -> Iterator[list[VectorizedClient]]:
+    """Train ``clients`` in chunks of at most ``chunk`` clients whose step settings are the same, yielding
+    each chunk once its clients' replies are set (a chunk that raises fails each of its clients).
+    The vectorized Grid's rounds and, with ``engine.ray.vectorized``, each Ray actor's share of one."""
+    groups: dict[tuple, list[VectorizedClient]] = {}
+    for c in clients:
+        groups.setdefault(_group_key(c.msg), []).append(c)
+    for part in (part for group in groups.values() for part in _even_parts(group, chunk)):
+        try:
+            train_chunk(part)
+        except Exception as exc:  # noqa: BLE001 - the chunk's clients fail, the round goes on
+            for c in part:
+                c.reply = _error_reply(exc, c.msg)
+        yield part

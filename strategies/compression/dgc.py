@@ -109,16 +109,16 @@ def dgc_step(g: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None, si
     return u, v, torch.cat(chosen)
 
 
-def read_memory(state, d: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(u, v) from ``Context.state``, read in place (read-only views of the record's bytes); None for
-    what is not there (zeros)."""
+def read_memory(state, d: int, device: torch.device | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(u, v) from ``Context.state``, read in place (read-only views of the record's bytes; copied to
+    ``device`` when that is not the CPU); None for what is not there (zeros)."""
     record = state.get(STATE)
     if record is None:
         return None, None
     with warnings.catch_warnings():  # the views are only read
         warnings.simplefilter("ignore", UserWarning)
-        return tuple(torch.from_numpy(decode(record[k])) if k in record and tuple(record[k].shape) == (d,)
-                     else None for k in ("u", "v"))
+        return tuple(torch.from_numpy(decode(record[k])).to(device or "cpu") if k in record
+                     and tuple(record[k].shape) == (d,) else None for k in ("u", "v"))
 
 
 class DgcCodec(SparseCodec):
@@ -127,8 +127,8 @@ class DgcCodec(SparseCodec):
     values_remark = " (DGC: the client's accumulated residual)"  # earlier rounds' updates are in the values
 
     def encode_vector(self, delta, sizes, state, ctx):
-        u, v, idx = dgc_step(delta, *read_memory(state, delta.numel()), sizes, self.params, ctx.server_round,
-                             ctx.client_seed())
+        u, v, idx = dgc_step(delta, *read_memory(state, delta.numel(), delta.device), sizes, self.params,
+                             ctx.server_round, ctx.client_seed())
         values = v[idx].to(VALUE_DTYPES[self.params.values])
         v[idx] = 0.0
         if u is not None and self.params.momentum_masking:

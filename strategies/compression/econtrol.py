@@ -63,14 +63,14 @@ class EControlParams(BaseModel):
     eta: float = Field(0.1, gt=0, description="feedback strength: the weight of the error e_i in what is compressed")
 
 
-def _memory(state: RecordDict, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e_i, h_i) from ``Context.state``; zeros when absent or of another size."""
+def _memory(state: RecordDict, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e_i, h_i) from ``Context.state``, on ``device``; zeros when absent or of another size."""
     if STATE in state:
-        mem = to_torch(state[STATE])
+        mem = to_torch(state[STATE], device)
         e, h = mem.get("e"), mem.get("h")
         if e is not None and h is not None and e.numel() == d and h.numel() == d:
             return e, h
-    return torch.zeros(d), torch.zeros(d)
+    return torch.zeros(d, device=device), torch.zeros(d, device=device)
 
 
 class EControlCodec(EstimateCodec):
@@ -79,7 +79,7 @@ class EControlCodec(EstimateCodec):
 
     # ---------------------------------------------------------------- client
     def encode_vector(self, delta, sizes, state, ctx):
-        e, h = _memory(state, delta.numel())
+        e, h = _memory(state, delta.numel(), delta.device)
         payload = self.inner.encode_vector(self.params.eta * e + delta - h, sizes, state, ctx)
         step = self.inner.decode_vector(payload, sizes, ctx)  # Delta_i, as the server reads it
         e = e + delta - h - step

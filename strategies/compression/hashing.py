@@ -23,9 +23,11 @@ from .codec import generator
 CHUNK = 1 << 16  # coordinates per chunk of codes: each chunk has its own generator
 
 
-def _chunk_codes(seed: int, index: int, n: int, cols: int, rows: int) -> torch.Tensor:
+def _chunk_codes(seed: int, index: int, n: int, cols: int, rows: int, device: torch.device | None = None) -> torch.Tensor:
+    """Drawn on the CPU (the same codes on every device), then moved to ``device``."""
     g = generator((int(seed) * 1_000_003 + index) % (2**63))
-    return torch.randint(0, 2 * cols, (rows, n), generator=g)
+    codes = torch.randint(0, 2 * cols, (rows, n), generator=g)
+    return codes if device is None else codes.to(device)
 
 
 def signed_hashes(seed: int, d: int, cols: int, rows: int = 1) -> torch.Tensor:
@@ -38,10 +40,10 @@ def signed_hashes(seed: int, d: int, cols: int, rows: int = 1) -> torch.Tensor:
 def sketch_chunked(x: torch.Tensor, seed: int, cols: int, rows: int = 1) -> torch.Tensor:
     """``sketch_rows(x, signed_hashes(seed, ...), cols)`` drawing the codes chunk by chunk as it goes (they
     stay in cache and are never stored: what a client does with a sketch that changes every round)."""
-    both = torch.zeros(rows, 2 * cols)
+    both = torch.zeros(rows, 2 * cols, device=x.device)
     for i, s in enumerate(range(0, x.numel(), CHUNK)):  # chunks of 65,536 values
         part = x[s:s + CHUNK]
-        codes = _chunk_codes(seed, i, part.numel(), cols, rows)
+        codes = _chunk_codes(seed, i, part.numel(), cols, rows, x.device)
         for r in range(rows):
             both[r].index_add_(0, codes[r], part)
     return both[:, 0::2] - both[:, 1::2]
@@ -54,12 +56,12 @@ def _signed_chunks(table: torch.Tensor, seed: int, d: int):
     signed = torch.stack([table, -table], dim=2).view(rows, -1)
     for i, s in enumerate(range(0, d, CHUNK)):
         n = min(CHUNK, d - s)
-        yield s, n, _chunk_codes(seed, i, n, cols, rows), signed
+        yield s, n, _chunk_codes(seed, i, n, cols, rows, table.device), signed
 
 
 def transpose_chunked(table: torch.Tensor, seed: int, d: int) -> torch.Tensor:
     """sum over rows r of s_r(j) table[r, h_r(j)], for every j (the transpose of the sketch), chunked."""
-    out = torch.empty(d)
+    out = torch.empty(d, device=table.device)
     for s, n, codes, signed in _signed_chunks(table, seed, d):
         dst = out[s:s + n]
         torch.index_select(signed[0], 0, codes[0], out=dst)
@@ -71,7 +73,7 @@ def transpose_chunked(table: torch.Tensor, seed: int, d: int) -> torch.Tensor:
 def median_chunked(table: torch.Tensor, seed: int, d: int) -> torch.Tensor:
     """Per coordinate j, the median over rows r of s_r(j) table[r, h_r(j)] (the count sketch's estimate),
     chunked like ``transpose_chunked``."""
-    out = torch.empty(d)
+    out = torch.empty(d, device=table.device)
     for s, n, codes, signed in _signed_chunks(table, seed, d):
         out[s:s + n] = median_rows([signed[r].index_select(0, codes[r]) for r in range(len(codes))])
     return out
@@ -84,7 +86,7 @@ def buckets_and_signs(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sketch_row(x: torch.Tensor, codes: torch.Tensor, cols: int) -> torch.Tensor:
     """One row of the count sketch: t[c] = sum over h(j) = c of s(j) x_j."""
-    both = torch.zeros(2 * cols).index_add_(0, codes, x)
+    both = torch.zeros(2 * cols, device=x.device).index_add_(0, codes, x)
     return both[0::2] - both[1::2]
 
 

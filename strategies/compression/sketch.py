@@ -85,6 +85,8 @@ class SketchMap:
 
         if self._codes is None:
             self._codes = signed_hashes(self.seed, self.d, self.width, self.blocks)
+        if self._codes.device != flat.device:  # the attack's device (drawn on the CPU, moved once)
+            self._codes = self._codes.to(flat.device)
         rows = []
         for codes in self._codes:
             both = flat.new_zeros(2 * self.width).index_add(0, codes, flat)
@@ -110,7 +112,7 @@ class SketchCodec(DeltaCodec):
             norm = float(y.norm())
             if norm > p.clip_norm:
                 y.mul_(p.clip_norm / norm)
-            y.add_(torch.randn(y.numel(), generator=generator(ctx.client_seed(ROUND_STREAM))),
+            y.add_(torch.randn(y.numel(), generator=generator(ctx.client_seed(ROUND_STREAM))).to(y.device),
                    alpha=p.noise * p.clip_norm)
         return {"sketch": y}
 

@@ -59,7 +59,7 @@ def ternarize(delta: torch.Tensor, sizes: list[int], clip: float | None,
     clamp is implicit."""
     scales = layer_scales(delta, sizes, clip)
     positive = delta > 0
-    u = torch.rand(delta.numel(), generator=generator(seed))
+    u = torch.rand(delta.numel(), generator=generator(seed)).to(delta.device)  # drawn on the CPU: same on every device
     for layer, s in zip(layer_views(u, sizes), scales):
         layer.mul_(s)
     keep = u < delta.abs()  # never for an all-zero layer (s = 0)

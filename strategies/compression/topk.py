@@ -37,10 +37,10 @@ def select_topk(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     d = x.numel()
     mag = x.abs()
     if k >= d:
-        return torch.arange(d)
+        return torch.arange(d, device=x.device)
     if d > 200_000 and k < d // 20:
         n = min(d, max(20_000, 40 * d // k))
-        sample = mag[torch.randint(0, d, (n,), generator=generator(seed))]
+        sample = mag[torch.randint(0, d, (n,), generator=generator(seed)).to(x.device)]  # drawn on the CPU
         q = max(1, min(n, math.ceil(2 * k / d * n)))
         threshold = torch.topk(sample, q, sorted=False).values.min()
         candidates = torch.nonzero(mag >= threshold).view(-1)
@@ -54,7 +54,7 @@ class SparseCodec(DeltaCodec):
     """A codec whose payload is (int32 indices, values) into the flat update: top-k and DGC."""
 
     def decode_vector(self, payload, sizes, ctx):
-        out = torch.zeros(sum(sizes))
+        out = torch.zeros(sum(sizes), device=payload["values"].device)  # EControl decodes on the client's device
         out[payload["indices"].long()] = payload["values"].float()
         return out
 
