@@ -58,15 +58,21 @@ def test_a_bad_membership_setting_is_refused():
         parse_scenario(small_raw(audit={"membership": "lira-ish"}))
 
 
-@pytest.mark.parametrize("threat", ["update", "gradient"])
-def test_the_audit_rows_carry_the_membership_scores(tmp_path, threat):
+@pytest.mark.parametrize("threat,attack", [("update", "lira"), ("gradient", "loss")])
+def test_the_audit_rows_carry_the_membership_scores(tmp_path, capfd, threat, attack):
+    """One run per threat; the update threat's with LiRA (fedsim.audit.lira: shadows trained in the audit's worker,
+    their cost in the row and printed once), the gradient threat's with the loss threshold."""
     raw = small_raw(train__rounds=2, train__local_epochs=5,
                     audit={"threat": threat, "attack": "ig", "attack_config": {"iterations": 5}, "clients": 1,
-                           "membership": "loss", "batch_size": 1})
+                           "membership": attack, "membership_shadows": 3, "batch_size": 1})
     summary = run_scenario(parse_scenario(raw), tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert rows
     for row in rows:
         assert 0.0 <= row["membership_auc"] <= 1.0 and 0.0 <= row["membership_tpr_at_0.1%_fpr"] <= 1.0
         assert row["membership_members"] > 0 and row["membership_nonmembers"] == row["membership_members"]
+        assert row["membership_attack"] == attack
+        assert (row.get("membership_shadows"), row.get("membership_shadow_s", 0) > 0) == (
+            (3, True) if attack == "lira" else (None, False))
     assert summary["audit_worst_membership_auc"] == max(r["membership_auc"] for r in rows)
+    assert ("LiRA trained 3 shadow models" in capfd.readouterr().err) == (attack == "lira")

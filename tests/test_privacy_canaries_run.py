@@ -22,23 +22,26 @@ def test_schedule_spreads_each_canary_over_the_rounds():
     assert s.up_to(4) == list(range(10)) and s.up_to(0) == []
 
 
-def test_dp_user_run_reports_estimate_below_the_accountant(tmp_path, one_torch_thread):
-    raw = small_raw(train__rounds=3, defense={"name": "dp_user", "noise_multiplier": 1.0, "clipping_norm": 1.0},
-                    privacy=PRIVACY)
+@pytest.mark.parametrize("canaries", [200, 24])
+def test_dp_user_run_reports_estimate_below_the_accountant(tmp_path, one_torch_thread, canaries):
+    """``epsilon_est`` (the lower bound at 95% confidence) under the accountant's epsilon on every round, with
+    many canaries (67 a round) and few (6 a round, where the paper's point estimate can read several times the
+    truth: fedsim.privacy.canaries). Round 1 is the hard one: one release, whose true epsilon (PLD, 4.38 at z=1)
+    is only 8% under the accountant's RDP bound (4.73). A canary at the wrong scale (norm instead of norm/m)
+    would read about epsilon(z/4) > 30 and fail here."""
+    raw = small_raw(train__rounds=3 if canaries == 200 else 4,
+                    defense={"name": "dp_user", "noise_multiplier": 1.0, "clipping_norm": 1.0},
+                    privacy={**PRIVACY, "canaries": canaries})
     summary = run_scenario(parse_scenario(raw), tmp_path, progress=False)
     rows = read_metrics(tmp_path)
-    assert len(rows) == 3
     for r in rows:
         assert r["epsilon"] is not None and r["epsilon_est"] is not None
-        assert r["epsilon_est_low"] <= r["epsilon_est"] <= (r["epsilon_est_high"] or np.inf)
-    # One release: the truth (PLD, 4.38 at z=1) is only 8% under the accountant's RDP bound (4.73), and the
-    # estimate from 67 canaries runs high by about that much (tests/test_empirical_epsilon.py): within its
-    # accuracy there. Once releases compose, a canary inserted once is far below the accountant. A canary
-    # at the wrong scale (norm instead of norm/m) would read about epsilon(z/4) > 30.
-    assert 0 < rows[0]["epsilon_est"] <= 1.3 * rows[0]["epsilon"], rows[0]
-    for r in rows[1:]:
-        assert 0 < r["epsilon_est"] <= r["epsilon"], r
-    assert rows[-1]["epsilon_est_canaries"] == 200
+        assert 0 <= r["epsilon_est"] <= r["epsilon"], r
+        assert r["epsilon_est"] <= r["epsilon_est_point"]  # the bound is the region's smallest epsilon
+        assert r["epsilon_est_low"] <= r["epsilon_est_point"] <= (r["epsilon_est_high"] or np.inf)
+    if canaries == 200:  # 67 canaries in round 1: the bound is informative (6 leave it near 0, honestly)
+        assert rows[0]["epsilon_est"] > 0.4 * rows[0]["epsilon"]
+    assert rows[-1]["epsilon_est_canaries"] == canaries
     assert summary["epsilon_est"] == rows[-1]["epsilon_est"] and summary["epsilon_est_threat"] == "final"
 
 

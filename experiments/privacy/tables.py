@@ -52,9 +52,16 @@ def one_release(z: float | None) -> float | None:
     return acc.get_epsilon(DELTA)
 
 
+def point_key(row: dict) -> str:
+    """The paper's point estimate: ``epsilon_est_point`` since ``epsilon_est`` became its 95% lower bound
+    (fedsim.privacy.canaries.epsilon_lower_bound); ``epsilon_est`` in runs from before."""
+    return "epsilon_est_point" if "epsilon_est_point" in row else "epsilon_est"
+
+
 def est(summary: dict) -> float:
-    """The run's last estimate; an unbounded one (None in summary.json) as inf."""
-    return math.inf if summary.get("epsilon_est") is None else summary["epsilon_est"]
+    """The run's last point estimate; an unbounded one (None in summary.json) as inf."""
+    key = point_key(summary)
+    return math.inf if summary.get(key) is None else summary[key]
 
 
 def ms_inf(values, fmt="{:.2f}") -> str:
@@ -96,11 +103,13 @@ def tables(root: Path) -> str:
         line = [f"| {label(defense)} | accountant | " + " | ".join(
             ms([next((m.get("epsilon") for m in metrics if m["round"] == t), None) for _, metrics, _ in ref.values()],
                "{:.2f}") for t in rounds) + " |"]
+        bounds = any("epsilon_est_point" in m for _, metrics, _ in ref.values() for m in metrics)
         for threat, seeds in (("final", final), ("all iterates", every)):
-            line.append(f"| | empirical, {threat} | " + " | ".join(ms_inf(
-                [next((math.inf if m["epsilon_est"] is None else m["epsilon_est"] for m in metrics
-                       if m["round"] == t and "epsilon_est" in m), None) for _, metrics, _ in seeds.values()])
-                for t in rounds) + " |")
+            for name, key in (("empirical", None), *((("95% lower bound", "epsilon_est"),) if bounds else ())):
+                line.append(f"| | {name}, {threat} | " + " | ".join(ms_inf(
+                    [next((math.inf if m[key or point_key(m)] is None else m[key or point_key(m)] for m in metrics
+                           if m["round"] == t and "epsilon_est" in m), None) for _, metrics, _ in seeds.values()])
+                    for t in rounds) + " |")
         per_round.append((rounds, line))
     rounds = per_round[0][0] if per_round else []
     head = ["| defense | epsilon | " + " | ".join(f"round {t}" for t in rounds) + " |",

@@ -1,6 +1,7 @@
 """The per-round privacy audit: the server attacks what a client really uploaded (``observer``; threat model
 and codecs in its docstring). Who is attacked and how (``targets``), the gradient threat's query (``query``),
-the attack jobs run off the training path (``jobs``)."""
+the attack jobs run off the training path (``jobs``), membership inference on the attacked model (``membership``:
+the loss threshold; ``lira``: offline LiRA with shadows fedsim trains)."""
 
 from .jobs import AuditJob, run_job
 from .observer import AuditObserver

@@ -12,6 +12,9 @@ Scored threshold-free: the AUC of the score -loss, and the true-positive rate at
 rate (Carlini et al., S&P 2022: the low-FPR regime is what matters). With n non-members the smallest
 non-zero FPR is 1/n: below 1,000 non-members the figure is the TPR at *no* false positive, the strictest
 threshold (``membership_nonmembers`` in the row says how many there were).
+
+``audit.membership: lira`` scores the same members and non-members with LiRA (``fedsim.audit.lira``); the
+case then carries its shadows' setup, and the row's ``membership_attack`` says which attack scored it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class MembershipCase:
     weights: dict[str, torch.Tensor]  # the attacked model's state dict
     members: tuple[torch.Tensor, torch.Tensor]
     nonmembers: tuple[torch.Tensor, torch.Tensor]
+    shadows: Any = None  # fedsim.audit.lira.ShadowSetup: score with LiRA instead of the loss threshold
 
 
 def nonmember_indices(n_pool: int, n_members: int, seed: int, server_round: int, partition_id: int) -> np.ndarray:
@@ -47,22 +51,29 @@ def sample_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
     """Per-sample cross-entropy of ``model`` (eval mode)."""
     model.eval()
     return torch.cat([nn.functional.cross_entropy(model(x[i:i + batch]), y[i:i + batch], reduction="none")
-                      for i in range(0, len(y), batch)]).double().numpy()
+                      for i in range(0, len(y), batch)]).double().cpu().numpy()
+
+
+def roc_scores(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, Any]:
+    """AUC and TPR at ``FPR`` of the attack that calls high-scoring samples members."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    truth = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
+    score = np.r_[member_scores, nonmember_scores]
+    fpr, tpr, _ = roc_curve(truth, score)
+    return {"membership_auc": float(roc_auc_score(truth, score)),
+            "membership_tpr_at_0.1%_fpr": float(tpr[fpr <= FPR].max()),
+            "membership_members": int(len(member_scores)), "membership_nonmembers": int(len(nonmember_scores))}
 
 
 def scores(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict[str, Any]:
     """AUC and TPR at ``FPR`` of the attack that calls low-loss samples members."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    truth = np.r_[np.ones(len(member_losses)), np.zeros(len(nonmember_losses))]
-    score = -np.r_[member_losses, nonmember_losses]
-    fpr, tpr, _ = roc_curve(truth, score)
-    return {"membership_auc": float(roc_auc_score(truth, score)),
-            "membership_tpr_at_0.1%_fpr": float(tpr[fpr <= FPR].max()),
-            "membership_members": int(len(member_losses)), "membership_nonmembers": int(len(nonmember_losses))}
+    return roc_scores(-np.asarray(member_losses), -np.asarray(nonmember_losses))
 
 
 def loss_threshold(model: nn.Module, case: MembershipCase) -> dict[str, Any]:
     """The row's membership fields for ``case``, with ``model`` (the scenario's architecture) loaded."""
     model.load_state_dict(case.weights)
-    return scores(sample_losses(model, *case.members), sample_losses(model, *case.nonmembers))
+    device = next(model.parameters()).device  # the attack's; the case travels on the CPU
+    return {**scores(sample_losses(model, *(t.to(device) for t in case.members)),
+                     sample_losses(model, *(t.to(device) for t in case.nonmembers))), "membership_attack": "loss"}

@@ -17,8 +17,11 @@ estimate of Andrew et al. (ICLR 2024); the estimator itself is ``fedsim.privacy.
   the paper. Only fixed clipping: an adaptive norm would change the canaries' scale every round.
 - Schedule: each canary is inserted ``repeats`` times; the ``canaries * repeats`` insertions, in a
   seeded shuffled order, are spread evenly over the rounds (the paper's shuffling sampler).
-- ``CanaryObserver``: per audited round (every ``every`` rounds and the last), ``epsilon_est`` with
-  its bootstrap interval from the canaries inserted so far: ``final``: cosines with the model delta
+- ``CanaryObserver``: per audited round (every ``every`` rounds and the last), from the canaries
+  inserted so far, ``epsilon_est``: the estimate's lower bound at 95% confidence
+  (``canaries.epsilon_lower_bound``: with few canaries the paper's point estimate reads far above the
+  truth, see ``fedsim.privacy.canaries``), and ``epsilon_est_point``, the point estimate, with its
+  bootstrap interval ``epsilon_est_low`` .. ``epsilon_est_high``: ``final``: cosines with the model delta
   since round 0, analytic null ``N(0, 1/d)``; ``all_iterates``: the maximum over rounds of the
   cosine with each round's model delta, the never-inserted canaries as the null.
 
@@ -133,7 +136,8 @@ class CanaryStrategy(Strategy):
 
 
 class CanaryObserver(RoundObserver):
-    """``epsilon_est`` (and ``epsilon_est_low``/``_high``, ``epsilon_est_canaries``) per audited round."""
+    """``epsilon_est`` (the lower bound), ``epsilon_est_point`` with ``epsilon_est_low``/``_high`` (its bootstrap
+    interval) and ``epsilon_est_canaries`` per audited round."""
 
     state_key = "privacy-canaries"
 
@@ -170,7 +174,8 @@ class CanaryObserver(RoundObserver):
         else:
             cos = canary_cosines(now - self.theta0, self.seed, seen)
             est = estimate_epsilon(cos, self.delta, dim=now.size, bootstrap=self.bootstrap, seed=self.seed + t)
-        self.last = {"epsilon_est": _num(est.epsilon), "epsilon_est_low": _num(est.low),
+        self.last = {"epsilon_est": _num(est.lower), "epsilon_est_point": _num(est.epsilon),
+                     "epsilon_est_low": _num(est.low),
                      "epsilon_est_high": _num(est.high), "epsilon_est_canaries": len(seen)}
         record.row.update(self.last)
 
