@@ -34,13 +34,17 @@ def _audit_row(round_, client, auc, tpr, psnr=None):
 
 
 def test_runs_csv_columns_carry_the_estimate_and_the_worst_membership_scores():
-    assert {"epsilon", "epsilon_est", "epsilon_est_low", "epsilon_est_high", "epsilon_est_threat",
-            "audit_worst_membership_auc", "audit_worst_membership_tpr"} <= set(COLUMNS)
-    summary = {"epsilon_est": 1.5, "epsilon_est_low": 0.5, "epsilon_est_high": None, "epsilon_est_threat": "final"}
-    audit = [_audit_row(1, 0, 0.55, 0.0), _audit_row(2, 1, 0.71, 0.02), {"round": 2, "client": 3, "psnr": 30.0}]
-    assert more_figures(summary, audit) == {"epsilon_est": 1.5, "epsilon_est_low": 0.5, "epsilon_est_high": None,
-                                            "epsilon_est_threat": "final", "audit_worst_membership_auc": 0.71,
-                                            "audit_worst_membership_tpr": 0.02}
+    assert {"epsilon", "epsilon_est", "epsilon_est_point", "epsilon_est_low", "epsilon_est_high",
+            "epsilon_est_threat", "audit_worst_membership_auc", "audit_worst_membership_tpr",
+            "membership_attack"} <= set(COLUMNS)
+    summary = {"epsilon_est": 1.5, "epsilon_est_point": 2.5, "epsilon_est_low": 0.5, "epsilon_est_high": None,
+               "epsilon_est_threat": "final"}
+    audit = [_audit_row(1, 0, 0.55, 0.0), {**_audit_row(2, 1, 0.71, 0.02), "membership_attack": "lira"},
+             {"round": 2, "client": 3, "psnr": 30.0}]
+    assert more_figures(summary, audit) == {"epsilon_est": 1.5, "epsilon_est_point": 2.5, "epsilon_est_low": 0.5,
+                                            "epsilon_est_high": None, "epsilon_est_threat": "final",
+                                            "audit_worst_membership_auc": 0.71, "audit_worst_membership_tpr": 0.02,
+                                            "membership_attack": "lira"}
     # a run without canaries or membership inference: every one of these cells empty
     assert set(more_figures({"accuracy": 0.9}, [{"round": 1, "client": 0, "psnr": 20.0}]).values()) == {None}
 

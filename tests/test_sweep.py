@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -105,38 +107,80 @@ def _chromium():
     return None
 
 
+class _Shown(HTMLParser):
+    """The images of a page dumped after its script ran: class, alt, title and where each is on screen
+    (``data-shown``: width x height + left edge, CSS pixels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.body, self.ids = [], {}, set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "body":
+            self.body = a
+        if tag == "img":
+            size, left = a["data-shown"].split("+")
+            width, height = map(int, size.split("x"))
+            self.images.append({"class": a.get("class"), "title": a.get("title"), "width": width, "height": height,
+                                "right": int(left) + width})
+
+
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium here (CI installs it)")
 def test_the_report_renders_in_a_headless_browser_with_every_image(tmp_path):
-    """A run with an audit (reconstruction grids inline) and a sweep: no script error, every image
-    decoded, and a screenshot that is not blank."""
+    """A run with an audit (LeNet, prune 0.5, IG on the update every 2 rounds, as issue 25 tried it) and a
+    sweep, as a person sees them in a 1200-pixel-wide window: no script error, every image decoded, the
+    settings named, figures with their units, reconstructions as truth/reconstruction pairs each at least
+    64 pixels high and nothing wider than the window; and screenshots that are not blank."""
     from PIL import Image
 
     from fedsim.engines import run_scenario
     from fedsim.scenario import parse_scenario
 
     raw = small_raw(train__rounds=2, model={"name": "lenet", "init": "uniform"}, data__image_size=16,
-                    data__num_clients=40, train__batch_size=4)
-    raw["audit"] = {"threat": "gradient", "batch_size": 1, "clients": [3]}
+                    data__num_clients=40, train__batch_size=4, defense={"name": "prune", "ratio": 0.5})
+    raw["audit"] = {"attack": "ig", "every": 2, "clients": 1, "attack_config": {"iterations": 5}}
     run_scenario(parse_scenario(raw), tmp_path / "run", progress=False)
     pages = [write_report(tmp_path / "run")]
     sweep, runs = load_sweep(_sweep_file(tmp_path, grid={"train.lr": [0.05, 0.2]}))
     pages.append(run_sweep(sweep, runs, tmp_path / "out", workers=1, progress=False) / "report.html")
-    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+               "--window-size=1200,1600"]
+    shown = []
     for page in pages:
-        dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-        body = dom[dom.index("<body"):].split(">", 1)[0]
-        images = body.split('data-images="')[1].split('"')[0]
-        loaded, total = map(int, images.split("/"))
-        assert total >= 2 and loaded == total, body
-        assert 'data-errors="0"' in body, body
+        dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                             timeout=120).stdout
+        seen = _Shown()
+        seen.feed(dom)
+        loaded, total = map(int, seen.body["data-images"].split("/"))
+        assert total >= 2 and loaded == total, seen.body
+        assert seen.body["data-errors"] == "0", seen.body
+        window, content = map(int, seen.body["data-page"].split())
+        assert content <= window and all(i["right"] <= window for i in seen.images), (window, content, seen.images)
+        assert "settings" in seen.ids  # the settings table (the sweep's: those every run shares)
+        shown.append(seen)
         shot = tmp_path / f"{page.parent.name}.png"
-        subprocess.run([*browser, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
-                       capture_output=True, timeout=120)
+        subprocess.run([*browser, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
         pixels = Image.open(shot).convert("L").getextrema()
         assert pixels[1] - pixels[0] > 100  # text and plots, not a blank page
+    run, swept = shown
+    truths = [i for i in run.images if i["class"] == "truth"]
+    recons = [i for i in run.images if i["class"] == "reconstruction"]
+    assert len(truths) == len(recons) == 10  # the 5 best and 5 worst of the client's 32 images
+    assert min(i["height"] for i in recons + truths) >= 64
     run_page = pages[0].read_text()
-    assert run_page.count("data:image/png;base64,") >= 3 + 2  # plots + a reconstruction per audited round
+    for seen_text in ("<td>defenses</td><td>prune(ratio=0.5)</td>", "<td>strategy</td><td>fedavg</td>",
+                      "<td>upload codec</td><td>none</td>", "ig(iterations=5) on the update threat", "PSNR (dB)"):
+        assert seen_text in run_page, seen_text
+    for unit in (r"uploaded, all clients</td><td>[0-9.]+ MB<", r"wall time</td><td>[0-9.]+ s<",
+                 r"worst PSNR</td><td>[0-9.]+ dB", r"<figcaption>#[0-9]+: [0-9.]+ dB</figcaption>"):
+        assert re.search(unit, run_page), unit
     assert "http://" not in run_page and "https://" not in run_page  # nothing fetched from a network
+    assert "compared" in swept.ids
+    frontiers = [i for i in swept.images if i["title"]]
+    assert frontiers and all("S1: train.lr=0.05\nS2: train.lr=0.2" in i["title"] for i in frontiers)
 
 
 def test_a_finished_run_stays_finished_when_a_setting_with_a_default_is_added_later(tmp_path):

@@ -16,6 +16,10 @@ carried; the codec's own space, as a sketch's y against S u(x')) and the row's n
 defense says whether a replay of plain local SGD reproduces what it sent (``replay_exact``) and
 whether it changed what travelled (``perturbs``, I2F's question). This module names none of them.
 
+Under an asynchronous strategy (FedBuff, FedAsync) a server step aggregates updates trained from older
+global models: the update threat attacks each against the model its client was sent (``NodeRound.sent``,
+not the step's current model), and the gradient threat asks at the current model.
+
 Ground truth never travels: the auditor re-derives the target's true batch from the seeded
 sampler and the client's partition, off the training path, only to score the
 reconstruction. Attacks run off the training path while training goes on (a process of
@@ -28,11 +32,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -77,6 +83,7 @@ class AuditObserver(RoundObserver):
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         self._pending: dict[Future, AuditJob] = {}  # submitted, no row yet: a checkpoint's to resubmit
+        self._shadow_cost_said = False  # LiRA's cost is printed once a run
         atomic_write(self.dir / "audit.jsonl", "")
         # Off the training path: the engine's own way (a Ray actor on the ray engine), else one
         # process of its own, spawned, not forked (the server may hold Ray's or Flower's threads).
@@ -106,9 +113,9 @@ class AuditObserver(RoundObserver):
         future.add_done_callback(self._finished)
         self._futures.append(future)
 
-    def _model(self, record: RoundRecord) -> nn.Module:
+    def _model(self, arrays) -> nn.Module:
         model = self.world.new_model()
-        model.load_state_dict(to_torch(record.arrays_sent))
+        model.load_state_dict(to_torch(arrays))
         return model
 
     def _common(self) -> dict[str, Any]:
@@ -120,14 +127,18 @@ class AuditObserver(RoundObserver):
         from attacks import Observation
 
         pid = node.partition_id
-        sent = to_numpy(record.arrays_sent)
+        # The model this client trained from: the round's in a synchronous round; under an asynchronous strategy
+        # the global model of the moment it was sent work, some server steps before this one.
+        arrays_sent = node.sent["arrays"]
+        sent = to_numpy(arrays_sent)
         view = self.spec.observe(sent, node.reply, self.params)
         settings = TrainSettings.from_config(node.config, pid)
         n = int(node.reply["metrics"]["num-examples"])
         schedule = EpochShuffleSampler().schedule(n, settings)  # the server knows n and the seed
-        model = self._model(record)
+        model = self._model(arrays_sent)
         names = [name for name, _ in model.named_parameters()]
-        support = record.support(node) if self.audit.support else None
+        support = ((record.codec or self.codec).support(node.wire, arrays_sent)
+                   if self.audit.support and node.wire is not None else None)
         if support is not None and not any(support[k].any() for k in names):
             support = None  # only buffers (BatchNorm's statistics) travelled: nothing of the parameters to match
         fraction = (None if support is None else
@@ -136,8 +147,8 @@ class AuditObserver(RoundObserver):
         # plain local SGD leaves them out) and the codec's (what the decoded reply is, where to match it).
         defenses = client_defenses(node.config)
         codec_view = self.codec.audit_view(AuditRequest(
-            wire=node.wire, sent=to_torch(record.arrays_sent),
-            ctx=CodecContext(seed=int(node.config.get("codec-seed", 0)), server_round=record.server_round),
+            wire=node.wire, sent=to_torch(arrays_sent),
+            ctx=CodecContext(seed=int(node.config.get("codec-seed", 0)), server_round=int(node.config["server-round"])),
             param_names=names, support_fraction=fraction, support_requested=self.audit.support,
             codec_space=self.audit.sketch_space))
         obs = Observation.from_update(model, {k: torch.from_numpy(view.update[k]).float() for k in names},
@@ -150,7 +161,10 @@ class AuditObserver(RoundObserver):
         attack = self._attack("update", obs, len(schedule))
         x, y = self._truth(pid, None)
         exact = view.exact and codec_view.exact
-        note = "; ".join(filter(None, [view.note, codec_view.note]))
+        sent_round = int(node.config["server-round"])
+        stale = (f"trained from the model sent for step {sent_round}, {record.server_round - sent_round} step(s) "
+                 f"before this one (asynchronous)" if sent_round != record.server_round else "")
+        note = "; ".join(filter(None, [view.note, codec_view.note, stale]))
         defended = [d.name for d in defenses if not d.replay_exact]
         if defended:  # the replay models plain local SGD, not what the defenses did to the update
             exact, note = False, "; ".join(filter(None, [note, f"the replay leaves out the defenses {', '.join(defended)}"]))
@@ -160,7 +174,9 @@ class AuditObserver(RoundObserver):
         return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
                         exact, self._note(note), str(self._png(record.server_round, pid)),
                         perturbed=self._perturbed(node.config, defenses),
-                        membership=self._membership(decoded, record.server_round, pid))
+                        membership=self._membership(decoded, record.server_round, pid,
+                                                    lambda: to_torch(arrays_sent), settings),
+                        device=self.s.audit_device())
 
     def gradient_job(self, record: RoundRecord, pid: int, node_id: int) -> AuditJob:
         from attacks import Observation
@@ -174,7 +190,7 @@ class AuditObserver(RoundObserver):
         if reply.has_error():
             raise RuntimeError(f"audit: client {pid} did not answer the gradient query: {reply.error.reason}")
         used = int(reply.content["fedsim"]["batch-size"])  # fewer than asked when the client holds fewer
-        model = self._model(record)
+        model = self._model(record.arrays_sent)
         obs = Observation.from_gradients(model, to_torch(reply.content["gradients"]), batch_size=used,
                                          **self._common())
         attack = self._attack("gradient", obs, 1)
@@ -182,21 +198,34 @@ class AuditObserver(RoundObserver):
         return AuditJob(record.server_round, pid, attack, self._config(attack), self.audit.seed, obs, x, y,
                         True, self._note(""), str(self._png(record.server_round, pid)),
                         perturbed=self._perturbed(config, client_defenses(config)),
-                        membership=self._membership(lambda: to_torch(record.arrays_sent), record.server_round, pid))
+                        membership=self._membership(lambda: to_torch(record.arrays_sent), record.server_round, pid),
+                        device=self.s.audit_device())
 
-    def _membership(self, weights: Callable[[], dict[str, torch.Tensor]], server_round: int, pid: int):
-        """The loss-threshold attack's case on the attacked model (``weights()``: its state dict;
-        ``fedsim.audit.membership``), when asked for and the server holds the ground truth to score it."""
+    def _membership(self, weights: Callable[[], dict[str, torch.Tensor]], server_round: int, pid: int,
+                    sent: Callable[[], dict[str, torch.Tensor]] | None = None, settings: TrainSettings | None = None):
+        """The membership attack's case on the attacked model (``weights()``: its state dict;
+        ``fedsim.audit.membership``), when asked for and the server holds the ground truth to score it. For
+        LiRA (update threat only) also its shadows' setup: from the model the server sent (``sent()``) with
+        the target's round ``settings``, on draws from the other clients' training data
+        (``fedsim.audit.lira``)."""
         if self.audit.membership == "none" or not self.ground_truth:
             return None
         from .membership import MembershipCase, nonmember_indices
 
         template = self.world.new_model().state_dict()
-        weights = {k: v.to(template[k].dtype) for k, v in weights().items()}  # as load_state_dict would cast
+        cast = lambda state: {k: v.to(template[k].dtype) for k, v in state.items()}  # noqa: E731  (as load_state_dict)
         x, y = self.world.client_tensors(pid)[:2]
         ds = self.world.dataset
         idx = torch.from_numpy(nonmember_indices(len(ds.y_test), len(y), self.s.seed, server_round, pid))
-        return MembershipCase(weights, (x, y), (ds.x_test[idx], ds.y_test[idx]))
+        shadows = None
+        if self.audit.membership == "lira":
+            from .lira import shadow_setup
+
+            members = self.world.client_split(pid).train
+            pool = torch.from_numpy(np.setdiff1d(np.arange(len(ds.y_train)), members))  # never one of the members
+            shadows = shadow_setup(cast(sent()), settings, ds.x_train[pool], ds.y_train[pool], len(y),
+                                   self.audit.membership_shadows, self.s.seed, pid)
+        return MembershipCase(cast(weights()), (x, y), (ds.x_test[idx], ds.y_test[idx]), shadows)
 
     def _truth(self, pid: int, batch_of) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The target's true samples (all its training data, or the query's batch), for scoring only."""
@@ -237,8 +266,18 @@ class AuditObserver(RoundObserver):
         with self._lock:
             self._pending.pop(future, None)
             self.rows.append(_clean(future.result()))
+            self._log_shadow_cost(self.rows[-1])
             self.rows.sort(key=lambda r: (r["round"], r["client"]))
             atomic_write(self.dir / "audit.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def _log_shadow_cost(self, row: dict[str, Any]) -> None:
+        """LiRA's shadows are retrained for every audited round and client: say once what one set cost."""
+        if "membership_shadow_s" in row and not self._shadow_cost_said:
+            self._shadow_cost_said = True
+            print(f"fedsim: LiRA trained {row['membership_shadows']} shadow models in "
+                  f"{row['membership_shadow_s']:.1f} s (round {row['round']}, client {row['client']}); it does so for "
+                  f"every audited round and client "
+                  f"(membership_shadow_s in audit.jsonl)", file=sys.stderr)
 
     # ------------------------------------------------------------------ checkpoint (fedsim.run.checkpoint)
     def state_dict(self) -> dict[str, Any]:
