@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all install bench clean deploy-demo
+.PHONY: demo test test-all install bench clean deploy-demo docs
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,22 @@ deploy-demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(VENV)/.installed
+# The documentation site's tools (pyproject's docs extra), beside what `make test` installs.
+$(VENV)/.installed-docs: $(VENV)/.installed pyproject.toml constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $@
+
+# The optional trackers (pyproject's mlflow and tensorboard extras): their tests skip without them.
+$(VENV)/.installed-trackers: $(VENV)/.installed pyproject.toml constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[mlflow,tensorboard]'
+	touch $@
+
+test-all: $(VENV)/.installed $(VENV)/.installed-docs $(VENV)/.installed-trackers
 	$(PY) -m pytest -q
+
+# The documentation site on http://127.0.0.1:8000 (rebuilt on every change); mkdocs.yml, docs/.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/engine_overhead.py

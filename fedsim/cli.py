@@ -46,18 +46,10 @@ def prepare(path: str, overrides: list[str], *, check_data: bool = True):
     Raises ScenarioError on bad input. The ray engine checks the data itself, while Ray
     starts (RayGrid), still before any output exists.
     """
-    from .world.memory import MemoryRefused
-    from .scenario.schema import ScenarioError, load_scenario
-    from .world.build import check_memory, checked_world
+    from .api import checked  # the checks fedsim.run() makes too
+    from .scenario.schema import load_scenario
 
-    scenario = load_scenario(path, overrides)
-    try:
-        check_memory(scenario)  # every engine: sizes that cannot be allocated are refused before anything loads
-    except MemoryRefused as exc:
-        raise ScenarioError(str(exc)) from None
-    if check_data or scenario.engine.name != "ray":
-        checked_world(scenario.to_yaml())  # cached: the run reuses it
-    return scenario
+    return checked(load_scenario(path, overrides), check_data=check_data)
 
 
 def interrupted_line(out_dir: Path) -> str:

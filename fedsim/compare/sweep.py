@@ -135,6 +135,7 @@ def expand_runs(sweep: SweepFile, folder: str | Path = ".") -> list[SweepRun]:
     base_raw = load_raw(base)
     fixed = [f"{k}={_yaml_text(v)}" for k, v in sweep.set.items()]
     runs, names = [], set()
+    from ..trackers import check_installed
     from ..world.build import checked_world
 
     for values in expand(sweep):
@@ -148,6 +149,7 @@ def expand_runs(sweep: SweepFile, folder: str | Path = ".") -> list[SweepRun]:
             if scenario.engine.name != "inline":
                 raise ScenarioError("engine.name: a sweep's runs use the inline engine (Ray runs the sweep)")
             checked_world(scenario.to_yaml())  # the data loads (cached per data/model/seed)
+            check_installed(scenario)  # the packages of its trackers
         except ScenarioError as exc:
             raise ScenarioError(f"sweep run {name}: {exc}") from None
         runs.append(SweepRun(name, values, scenario))
@@ -172,8 +174,9 @@ def completed(run_dir: Path, scenario: Scenario) -> bool:
     return stored.model_dump(mode="json") == scenario.model_dump(mode="json")
 
 
-def _run_task(scenario_yaml: str, run_dir: str) -> dict:
-    """One run, in a Ray worker (or in-process): a fresh folder, the scenario, its summary."""
+def _run_task(scenario_yaml: str, run_dir: str, tracking: dict | None = None) -> dict:
+    """One run, in a Ray worker (or in-process): a fresh folder, the scenario, its summary. ``tracking``:
+    the sweep's trackers (``fedsim.trackers.open_sweep``: MLflow's parent run)."""
     import os
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -183,7 +186,7 @@ def _run_task(scenario_yaml: str, run_dir: str) -> dict:
     # An interrupted or stale run is redone from nothing: the claim clears its results (only
     # fedsim's files: run_sweep has refused folders holding others) and holds the folder.
     with claim_output_dir(run_dir, overwrite=True) as path:
-        return run_scenario(scenario_from_text(scenario_yaml), path, progress=False)
+        return run_scenario(scenario_from_text(scenario_yaml), path, progress=False, tracking=tracking)
 
 
 def run_sweep(sweep: SweepFile, runs: list[SweepRun], out: str | Path, *, workers: int = 1,
@@ -216,6 +219,20 @@ def run_sweep(sweep: SweepFile, runs: list[SweepRun], out: str | Path, *, worker
 
 def _run_todo(sweep: SweepFile, runs: list[SweepRun], todo: list[SweepRun], root: Path, *, workers: int,
               address: str | None, progress: bool) -> None:
+    from ..trackers import close_sweep, open_sweep
+
+    # The sweep's own tracking (an MLflow parent run, its runs' children), opened before any run starts
+    tracking = open_sweep(sweep.name, root, [r.scenario for r in runs])
+    try:
+        _run_tasks(sweep, runs, todo, root, workers=workers, address=address, progress=progress, tracking=tracking)
+    except BaseException:
+        close_sweep(tracking, root, failed=True)
+        raise
+    close_sweep(tracking, root, failed=False)
+
+
+def _run_tasks(sweep: SweepFile, runs: list[SweepRun], todo: list[SweepRun], root: Path, *, workers: int,
+               address: str | None, progress: bool, tracking: dict) -> None:
     import ray
 
     from ..engines.ray_cluster import join_ray, start_local_ray, stop_local_ray
@@ -227,7 +244,8 @@ def _run_todo(sweep: SweepFile, runs: list[SweepRun], todo: list[SweepRun], root
             start_local_ray(workers)
         task = ray.remote(num_cpus=1, max_retries=0)(_run_task)
         try:
-            pending = {task.remote(r.scenario.to_yaml(), str((root / "runs" / r.name).resolve())): r for r in todo}
+            pending = {task.remote(r.scenario.to_yaml(), str((root / "runs" / r.name).resolve()), tracking): r
+                       for r in todo}
             failures = _wait_all(pending, len(runs), len(runs) - len(todo), progress)
         finally:
             if address is None:

@@ -16,8 +16,8 @@ A folder holding anything fedsim does not write is refused for a new run, with o
 ``overwrite``: fedsim deletes only what it can tell it wrote, and a run's folder holds one run
 and nothing else. (A folder that is not fedsim's, such as ``--out .`` or ``name: ..``'s working
 folder, is the common case.) "What fedsim writes" is exact: the names in ``RESULT_FILES``, the
-files of ``RESULT_DIRS`` by their exact name templates, and the temporary files of fedsim's
-atomic writes, which are named ``.<final name>.<8 characters of tempfile>.tmp`` (or ``.png``)
+files of ``RESULT_DIRS`` by their exact name templates, a tracker's store (``RESULT_TREES``), and the
+temporary files of fedsim's atomic writes, which are named ``.<final name>.<8 characters of tempfile>.tmp`` (or ``.png``)
 after one of those files; all of them plain files, never links or folders. A user's
 ``checkpoint_best.pt``, ``checkpoints/``, hidden ``.notes.tmp`` or ``.cover.png`` is not
 fedsim's, so it is never removed: its folder is refused, naming it.
@@ -32,6 +32,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,12 +43,17 @@ LOCK_NAME = ".fedsim.lock"
 # checkpoint of ``output.checkpoint_every``: fedsim.run.checkpoint), its page
 # (fedsim.compare.report) and the attack script (attacks.cli). Exact names: nothing else is fedsim's.
 RESULT_FILES = frozenset({
-    "scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "audit.jsonl", "audit_psnr.png",
+    "scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "accuracy_time.png", "audit.jsonl",
+    "audit_psnr.png",
     "report.html", "results.json", "reconstruction.png", "checkpoint.pkl",
 })
 # Folders fedsim fills, with the exact names (a regular expression) of what they may hold:
 # fedsim.audit's reconstructions, fedsim.compare.report's plots.
-RESULT_DIRS = {"audit": r"round-[0-9]+-client-[0-9]+\.png", "report": r"[a-z_]+\.png"}
+RESULT_DIRS = {"audit": r"round-[0-9]+-client-[0-9]+\.(?:png|npz)", "report": r"[a-z_]+\.png",
+               "tensorboard": r"events\.out\.tfevents\.[0-9]+\..+"}  # fedsim.trackers.tensorboard's event files
+# Folders a tracker's own store fills (fedsim.trackers.mlflow: MLflow's database and artifact tree, whose
+# layout is MLflow's): the exact names at their top; removed whole, and only when they hold no link.
+RESULT_TREES = {"mlflow": r"mlflow\.db(?:-journal|-wal|-shm)?|artifacts"}
 # Temporary files of atomic writes (results.atomic_write, checkpoint._write, the plots) left by
 # a killed run: tempfile.mkstemp(prefix=".<name>.", suffix=".tmp" or ".png") puts 8 characters
 # of [a-z0-9_] between; fedsim.compare.report's plots use ".<name>.tmp.png".
@@ -203,12 +209,27 @@ def _own(entry: Path) -> bool:
     name = entry.name
     if name == LOCK_NAME or name in RESULT_FILES or _temporary(name, RESULT_FILES.__contains__):
         return _plain_file(entry)
+    if name in RESULT_TREES:
+        return _own_tree(entry, RESULT_TREES[name])
     pattern = RESULT_DIRS.get(name)
     if pattern is None or entry.is_symlink() or not entry.is_dir():
         return False
     def own(n: str) -> bool:
         return re.fullmatch(pattern, n) is not None
     return all(_plain_file(c) and (own(c.name) or _temporary(c.name, own)) for c in entry.iterdir())
+
+
+def _own_tree(entry: Path, top: str) -> bool:
+    """Whether ``entry`` is a tracker's store: a folder (not a link) whose top holds only ``top``'s names and
+    whose whole tree holds no link (removing it never reaches outside)."""
+    if entry.is_symlink() or not entry.is_dir():
+        return False
+    if not all(re.fullmatch(top, child.name) for child in entry.iterdir()):
+        return False
+    for folder, dirs, files in os.walk(entry):
+        if any(os.path.islink(os.path.join(folder, n)) for n in (*dirs, *files)):
+            return False
+    return True
 
 
 def _temporary(name: str, final: Callable[[str], bool]) -> bool:
@@ -252,6 +273,10 @@ def _clear(path: Path) -> None:
     file put in the folder after ``_check_contents`` stays, and so does its folder)."""
     for entry in path.iterdir():
         if entry.name == LOCK_NAME:
+            continue
+        if entry.name in RESULT_TREES:
+            if _own_tree(entry, RESULT_TREES[entry.name]):
+                shutil.rmtree(entry)
             continue
         pattern = RESULT_DIRS.get(entry.name)
         if pattern is not None and entry.is_dir() and not entry.is_symlink():

@@ -70,7 +70,7 @@ def _finish_outputs(run_dir: Path) -> list[str]:
     (from metrics.jsonl and audit.jsonl, as the run draws them) and the removal of its stale checkpoint.
     Returns what was done."""
     from .checkpoint import CHECKPOINT
-    from .results import ResultsWriter, read_jsonl, read_metrics
+    from .results import ResultsWriter, has_virtual_time, read_jsonl, read_metrics
     from ..scenario.schema import ScenarioError, load_scenario
 
     done = []
@@ -83,6 +83,9 @@ def _finish_outputs(run_dir: Path) -> list[str]:
         if writer.rows and not (run_dir / "accuracy.png").is_file():
             writer.plot_accuracy()
             done.append("accuracy.png")
+        if has_virtual_time(writer.rows) and not (run_dir / "accuracy_time.png").is_file():
+            writer.plot_accuracy_over_time()
+            done.append("accuracy_time.png")
         audit = run_dir / "audit.jsonl"
         rows = read_jsonl(audit) if audit.is_file() else []
         if rows and writer.rows and not (run_dir / "audit_psnr.png").is_file():
@@ -99,6 +102,7 @@ def _resume(run_dir: Path, progress: bool) -> int:
     from .outdir import OutputDirError, claim_output_dir
     from .results import DiskFullError, RunFileError
     from ..scenario.schema import ScenarioError, load_scenario
+    from ..trackers import check_installed
     from ..world.build import checked_world
 
     with contextlib.ExitStack() as held:
@@ -118,6 +122,7 @@ def _resume(run_dir: Path, progress: bool) -> int:
             del ckpt
             if scenario.engine.name != "ray":  # the ray engine checks its data while Ray starts
                 checked_world(scenario.to_yaml())
+            check_installed(scenario)  # the packages of its trackers
         except (ScenarioError, CheckpointError, RunFileError) as exc:
             return _fail(str(exc))
 
