@@ -204,6 +204,9 @@ class FlowerUserDP(Defense):
         if scenario.train.sampling != "fixed":
             raise RuleViolation(("train", "sampling"), "dp_user's accountant needs a fixed number of clients "
                                 "per round: use sampling: fixed")
+        if getattr(scenario.train, "deadline_s", None) is not None:  # docs/time.md
+            raise RuleViolation(("train", "deadline_s"), "dp_user's accountant needs a fixed number of replies per "
+                                "round, which a deadline that drops stragglers does not keep: no deadline with dp_user")
         if params.adaptive:
             reason = adaptive_refusal(params, fixed_sample_size(scenario.data.num_clients,
                                                                 scenario.train.participation))

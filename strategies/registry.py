@@ -15,6 +15,8 @@ _MODULES = {
     "fedce": "strategies.fedce",
     "fedimpro": "strategies.fedimpro",
     "qfedavg": "strategies.qfedavg",
+    "fedbuff": "strategies.fedbuff",
+    "fedasync": "strategies.fedasync",
 }
 _EXTRA: dict[str, StrategySpec] = {}
 

@@ -8,6 +8,9 @@ its own files at ``node_config["data-path"]`` (``fedsim.deploy.node_data``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import threading
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+import torch
 from torch import nn
 
 from defenses import build_defenses
@@ -30,7 +34,8 @@ from strategies.records import to_record, to_torch
 from . import checkpoint
 from ..audit.observer import AuditObserver
 from ..audit.query import QUERY_GRADIENT, answer_gradient_query
-from ..privacy.run import CanaryRun
+from .async_rounds import AsyncState, run_async
+from .clock import VirtualClock
 from .metered import MeteredGrid
 from .observers import (CentralEvaluation, CodecReport, DefenseReport, FailureWatch, ProgressObserver, ResultsObserver,
                         RoundTiming, StrategyReport, evaluate)
@@ -38,7 +43,10 @@ from .progress import RoundProgress
 from .results import ResultsWriter
 from .rounds import run_rounds
 from ..scenario.schema import Scenario, load_scenario
+from ..trackers import build_trackers
 from ..world.build import MAX_WORLDS, World, world_from_text
+from ..world.system import SystemModel, SystemModelError
+from ..world.device import use_device
 
 # ----------------------------------------------------------------------------- client
 
@@ -66,11 +74,11 @@ class _ThreadModels(threading.local, UserDict):
 _models: dict[int, tuple[weakref.ref, nn.Module]] = _ThreadModels()
 
 
-def _model_of(world: World) -> nn.Module:
+def _model_of(world: World, device: torch.device) -> nn.Module:
     entry = _models.get(id(world))
-    if entry is None or entry[0]() is not world:
+    if entry is None or entry[0]() is not world or next(entry[1].parameters()).device != device:
         _models.pop(id(world), None)
-        entry = _models[id(world)] = (weakref.ref(world), world.new_model())
+        entry = _models[id(world)] = (weakref.ref(world), world.new_model().to(device))
         while len(_models) > MAX_WORLDS:
             del _models[next(iter(_models))]
     return entry[1]
@@ -92,11 +100,22 @@ def deployed_threads(run_config: dict, scenario_yaml: str) -> None:
         torch.set_num_threads(threads)
 
 
+@functools.lru_cache(maxsize=MAX_WORLDS)
+def scenario_device(scenario_yaml: str) -> torch.device:
+    """``engine.device`` as this process resolves it (``auto``: what torch sees here; fedsim.world.device)."""
+    from ..scenario.schema import scenario_from_text
+
+    return use_device(scenario_from_text(scenario_yaml).engine.device)
+
+
 def _client_setup(context: Context) -> tuple[World, nn.Module, ClientData]:
+    """The node's world, its model on the run's device and its data moved there: once per client call,
+    so a step indexes tensors already on the device."""
     text = scenario_text(context.run_config)
     deployed_threads(context.run_config, text)
     world = world_from_text(text)
-    model = _model_of(world)
+    device = scenario_device(text)
+    model = _model_of(world, device)
     pid = int(context.node_config["partition-id"])
     if "data-path" in context.node_config:  # the node's own files (fedsim.deploy.node_data)
         from ..deploy.node_data import local_tensors
@@ -104,7 +123,7 @@ def _client_setup(context: Context) -> tuple[World, nn.Module, ClientData]:
         x, y, xv, yv = local_tensors(world, str(context.node_config["data-path"]), pid)
     else:
         x, y, xv, yv = world.client_tensors(pid)
-    return world, model, ClientData(pid, x, y, xv, yv)
+    return world, model, ClientData(pid, *(t.to(device) for t in (x, y, xv, yv)))
 
 
 client_app = ClientApp()
@@ -128,7 +147,7 @@ def _train(msg: Message, context: Context, defenses: list) -> Message:
     config = msg.content["config"]
     spec = get_strategy(str(config["strategy"]))
     algorithm = spec.client(spec.params.model_validate_json(str(config["strategy-params"])))
-    sent = to_torch(msg.content["arrays"])
+    sent = to_torch(msg.content["arrays"], data.x.device)  # on the device: the client rules subtract it there
     model.load_state_dict(sent)
     job = ClientJob(model, data, TrainSettings.from_config(config, data.partition_id), msg.content,
                     context.state, sent, private=private_training(defenses, context.state))
@@ -178,6 +197,35 @@ def server_settings(s: Scenario) -> ServerSettings:
                           codec=s.upload_codec(), codec_params=s.upload_params().model_dump_json())
 
 
+def virtual_clock(scenario: Scenario, world: World) -> VirtualClock | None:
+    """The run's virtual clock over its clients' devices (docs/time.md), or None without a system section."""
+    if scenario.system == "none":
+        return None
+    import numpy as np
+
+    from ..scenario.schema import ScenarioError
+
+    labels = world.dataset.y_train.numpy()
+    counts = np.stack([np.bincount(labels[part], minlength=world.dataset.num_classes) for part in world.parts])
+    try:
+        system = SystemModel.build(scenario.system, scenario.data.num_clients, scenario.seed, counts)
+    except SystemModelError as exc:
+        raise ScenarioError(f"system.{exc}") from None
+    return VirtualClock(system, scenario.train.deadline_s)
+
+
+def stale_inversion(scenario: Scenario, world: World):
+    """The converter of stale updates when the asynchronous strategy inverts them (``staleness: invert``), or None."""
+    params = scenario.strategy_params()
+    if getattr(params, "staleness", None) != "invert":
+        return None
+    from .stale_inversion import StaleInversion
+
+    ds = world.dataset
+    return StaleInversion(params, world.new_model, (ds.channels, ds.image_size, ds.image_size), ds.num_classes,
+                          scenario.seed)
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> None:
     """Round 1 starts only when every client node has connected."""
     deadline = time.monotonic() + timeout
@@ -189,12 +237,13 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
 
 
 def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bool = True,
-               ground_truth: bool = True, resume: bool = False) -> dict:
+               ground_truth: bool = True, resume: bool = False, tracking: dict | None = None) -> dict:
     """Run the scenario's rounds on ``grid``, writing results to ``out_dir``; returns the summary.
 
     ``ground_truth``: whether this process may score the audit against clients' data (fedsim's
     own engines); a deployed server has none. ``resume``: continue the run in ``out_dir`` from its
-    checkpoint (``fedsim.run.checkpoint``; raises CheckpointError without a usable one)."""
+    checkpoint (``fedsim.run.checkpoint``; raises CheckpointError without a usable one). ``tracking``: where
+    the scenario's trackers report, from a sweep (``fedsim.trackers.open_sweep``)."""
     logging.getLogger("flwr").setLevel(logging.ERROR)  # fedsim reports rounds and failures itself
     start = time.perf_counter()
     world = world_from_text(scenario.to_yaml())
@@ -202,12 +251,15 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     settings = server_settings(scenario)
     strategy = spec.server(scenario.strategy_params(), settings)
     model = world.new_model()
+    clock = virtual_clock(scenario, world)  # before anything is written: a bad trace is bad input
+    async_state = AsyncState() if getattr(strategy, "asynchronous", False) else None  # fedsim.run.async_rounds
     ckpt = checkpoint.load(out_dir, scenario.to_yaml()) if resume else None
     writer = ResultsWriter(out_dir, scenario.to_yaml(),
                            rows=checkpoint.kept_rows(out_dir, ckpt.server_round) if ckpt else None)
     metered = MeteredGrid(grid)
     wait_for_nodes(metered, scenario.data.num_clients, scenario.engine.timeout_s)
-    evaluation = CentralEvaluation(model, world.dataset.x_test, world.dataset.y_test)
+    evaluation = CentralEvaluation(model, world.dataset.x_test, world.dataset.y_test,
+                                   device=use_device(scenario.engine.device))
     sampled = fixed_sample_size(scenario.data.num_clients, scenario.train.participation)
     defenses, train_config = build_defenses(scenario.defenses(), scenario.data.num_clients, sampled, scenario.seed,
                                             scenario.train.rounds)
@@ -215,7 +267,11 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     running = strategy
     for defense in defenses:
         running = defense.wrap_server(running)
-    canaries = CanaryRun(scenario, scenario.train.rounds) if scenario.privacy != "none" else None
+    canaries = None
+    if scenario.privacy != "none":
+        from ..privacy.run import CanaryRun  # here: its estimator imports scipy.stats (seconds), only for this
+
+        canaries = CanaryRun(scenario, scenario.train.rounds)
     if canaries is not None:  # outside the DP wrappers: their noise is additive (fedsim.privacy.run)
         running = canaries.wrap(running)
     arrays, first_round = to_record(model.state_dict()), 1
@@ -235,6 +291,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     audit = (AuditObserver(scenario, world, grid, out_dir, scenario.engine.timeout_s, ground_truth,
                            query_config=query_config)
              if scenario.audit != "none" else None)
+    trackers = build_trackers(scenario, out_dir, lambda: audit.rows if audit else [], tracking)
 
     failures = FailureWatch()
     observers: list = []  # the round's observers, in order (below)
@@ -254,16 +311,27 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
     with RoundProgress(scenario.train.rounds, enabled=progress, completed=first_round - 1) as bar:
         observers[:] = [evaluation, RoundTiming(start), StrategyReport(strategy), *map(DefenseReport, defenses),
                         *([CodecReport(codec)] if scenario.upload_codec() != "none" else []),
+                        *([clock] if clock else []), *([async_state] if async_state else []),
                         *([audit] if audit else []), *([canaries.observer] if canaries else []),
-                        ResultsObserver(writer), ProgressObserver(bar), failures,
+                        ResultsObserver(writer), *trackers, ProgressObserver(bar), failures,
                         *([checkpointer] if checkpointer else [])]  # last: after every observer saw the round
         if ckpt is not None:  # each observer's state as the checkpoint left it (the audit resubmits its jobs)
             for observer in observers:
                 if observer.state_key and observer.state_key in ckpt.observers:
                     observer.load_state_dict(ckpt.observers[observer.state_key])
         try:
-            run_rounds(running, metered, codec, arrays, scenario.train.rounds, scenario.engine.timeout_s,
-                       observers, ConfigRecord(train_config), first_round=first_round)
+            if async_state is not None:  # completions in virtual-time order, each server step a record
+                run_async(running, metered, codec, arrays, scenario.train.rounds, scenario.engine.timeout_s,
+                          observers, clock, async_state, scenario.seed, ConfigRecord(train_config),
+                          first_step=first_round, inversion=stale_inversion(scenario, world))
+            else:
+                run_rounds(running, metered, codec, arrays, scenario.train.rounds, scenario.engine.timeout_s,
+                           observers, ConfigRecord(train_config), first_round=first_round, clock=clock)
+        except BaseException as exc:  # Ctrl-C too: a tracker marks its run stopped (a resume reopens it)
+            for tracker in trackers:
+                with contextlib.suppress(Exception):  # best effort: the run's own error is the one to report
+                    tracker.stopped(exc)
+            raise
         finally:
             if audit is not None:
                 audit.close()  # the run waits for the last attack
@@ -280,6 +348,7 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "failures_total": sum(r["failures"] for r in rows),
         "failure_reasons": failures.reasons,  # distinct reason -> how many client-rounds it failed
+        **(clock.summary() if clock else {}),
         "wall_s": time.perf_counter() - start,
         "engine": scenario.engine.name,
         "scenario": scenario.model_dump(mode="json"),
@@ -288,6 +357,8 @@ def run_server(grid: Grid, scenario: Scenario, out_dir: str | Path, progress: bo
         **(canaries.summary() if canaries else {}),
     }
     writer.finish(summary, plot=scenario.output.plot, audit_rows=audit.rows if audit else None)
+    for tracker in trackers:  # after summary.json and the plots: trackers report the run's files
+        tracker.finish(summary)
     if checkpointer is not None:
         checkpointer.remove()
     return summary
@@ -308,4 +379,5 @@ def server_main(grid: Grid, context: Context) -> None:
     # fedsim's own engines pass the resolved scenario text; `flwr run` (a deployment) passes a path,
     # and there the server holds none of the clients' data to score an audit with.
     run_server(grid, scenario, str(out_dir), progress=progress, ground_truth="scenario-yaml" in context.run_config,
-               resume=bool(context.run_config.get("resume", False)))
+               resume=bool(context.run_config.get("resume", False)),
+               tracking=json.loads(str(context.run_config["tracking"])) if "tracking" in context.run_config else None)

@@ -169,6 +169,7 @@ class Checkpointer(RoundObserver):
         if not self.every:
             return
         self.touched.update(n.node_id for n in record.nodes)
+        self.touched.update(record.dispatched)  # asynchronous: trained, not yet delivered
         if record.server_round % self.every and record.server_round != self.num_rounds:
             return
         try:

@@ -40,8 +40,10 @@ class CentralEvaluation(RoundObserver):
 
     state_key = "evaluation"
 
-    def __init__(self, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor):
-        self.model, self.x, self.y = model, x_test, y_test
+    def __init__(self, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
+                 device: torch.device | str = "cpu"):
+        # The test split goes to the device once; each round only the global arrays are copied there.
+        self.model, self.x, self.y = model.to(device), x_test.to(device), y_test.to(device)
         self.initial: dict[str, float] = {}
 
     def state_dict(self) -> dict[str, float]:

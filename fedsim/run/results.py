@@ -118,6 +118,8 @@ class ResultsWriter:
         atomic_write(self.dir / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")
         if plot and self.rows:
             self.plot_accuracy()
+            if has_virtual_time(self.rows):
+                self.plot_accuracy_over_time()
             if audit_rows:
                 self.plot_audit(audit_rows)
 
@@ -159,6 +161,18 @@ class ResultsWriter:
         fig.tight_layout()
         self._save(fig, "accuracy.png")
 
+    def plot_accuracy_over_time(self) -> None:
+        """Accuracy against the virtual clock (docs/time.md): what a round costs on the clients' devices."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        draw_accuracy_over_time(ax, self.rows)
+        fig.tight_layout()
+        self._save(fig, "accuracy_time.png")
+
     def _save(self, fig, name: str) -> None:
         import matplotlib.pyplot as plt
 
@@ -176,6 +190,26 @@ class ResultsWriter:
                 plt.close(fig)
 
 
+def has_virtual_time(rows: list[dict[str, Any]]) -> bool:
+    """Whether metrics.jsonl ``rows`` carry the virtual clock's ``virtual_time_s`` (a ``system`` section)."""
+    return any(r.get("virtual_time_s") is not None for r in rows)
+
+
+def draw_accuracy_over_time(ax, rows: list[dict[str, Any]], label: str | None = None) -> None:
+    """Central accuracy against virtual time on ``ax`` (one point a round); rounds that dropped stragglers marked
+    (the sweep report can draw one line per run on a shared axis with ``label``)."""
+    timed = [r for r in rows if r.get("virtual_time_s") is not None]
+    line, = ax.plot([r["virtual_time_s"] for r in timed], [r["accuracy"] for r in timed], marker=".", label=label)
+    late = [r for r in timed if r.get("stragglers")]
+    if late:
+        ax.plot([r["virtual_time_s"] for r in late], [r["accuracy"] for r in late], "x", color=line.get_color(),
+                label=f"{label + ': ' if label else ''}round dropped stragglers")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("central test accuracy")
+    ax.grid(alpha=0.3)
+
+
 def has_epsilon(rows: list[dict[str, Any]]) -> bool:
     """Whether metrics.jsonl ``rows`` carry an accountant's ``epsilon`` or an empirical ``epsilon_est``
     (an unbounded estimate is written as None but still has its key)."""
@@ -183,14 +217,18 @@ def has_epsilon(rows: list[dict[str, Any]]) -> bool:
 
 
 def draw_epsilon(ax, rows: list[dict[str, Any]], threat: str | None = None) -> None:
-    """The accountant's epsilon (``epsilon``, spent so far) and the empirical estimate (``epsilon_est``
-    with its interval ``epsilon_est_low`` .. ``epsilon_est_high``, fedsim.privacy.run) against rounds, on
-    ``ax``, whichever of the two ``rows`` carry. An estimate or interval end that is unbounded (None in
-    metrics.jsonl) is drawn at the top of the axes, marked as such. ``threat``: the estimate's threat model
-    (summary.json's ``epsilon_est_threat``), for the legend."""
+    """The accountant's epsilon (``epsilon``, spent so far) and the canaries' empirical figures
+    (fedsim.privacy.run) against rounds, on ``ax``, whichever ``rows`` carry: ``epsilon_est``, the estimate's
+    95% lower confidence bound (what a run reports), and the paper's point estimate ``epsilon_est_point`` with
+    its bootstrap interval ``epsilon_est_low`` .. ``epsilon_est_high`` (rows written before the bound existed
+    carry no ``epsilon_est_point``: their ``epsilon_est`` was the point estimate). A figure that is unbounded
+    (None in metrics.jsonl) is drawn at the top of the axes, marked as such. ``threat``: the estimate's threat
+    model (summary.json's ``epsilon_est_threat``), for the legend."""
     accountant = [(r["round"], r["epsilon"]) for r in rows if r.get("epsilon") is not None]
     estimated = [r for r in rows if "epsilon_est" in r]
-    finite = [v for r in estimated for v in (r.get("epsilon_est"), r.get("epsilon_est_low"),
+    with_point = any("epsilon_est_point" in r for r in estimated)
+    point_key = "epsilon_est_point" if with_point else "epsilon_est"
+    finite = [v for r in estimated for v in (r.get("epsilon_est"), r.get(point_key), r.get("epsilon_est_low"),
                                              r.get("epsilon_est_high")) if v is not None]
     finite += [e for _, e in accountant]
     top = 1.15 * max(finite) if finite else 1.0
@@ -200,12 +238,17 @@ def draw_epsilon(ax, rows: list[dict[str, Any]], threat: str | None = None) -> N
         x = [r["round"] for r in estimated]
         low = [r.get("epsilon_est_low") or 0.0 for r in estimated]
         high = [r["epsilon_est_high"] if r.get("epsilon_est_high") is not None else top for r in estimated]
-        ax.fill_between(x, low, high, color="C1", alpha=0.2, step=None, label="estimate's interval")
-        bounded = [(r["round"], r["epsilon_est"]) for r in estimated if r.get("epsilon_est") is not None]
-        if bounded:
-            ax.plot(*zip(*bounded), marker="o", ms=3, color="C1",
-                    label="empirical (canaries)" + (f", {threat}" if threat else ""))
-        unbounded = [r["round"] for r in estimated if r.get("epsilon_est") is None]
+        ax.fill_between(x, low, high, color="C1", alpha=0.2, step=None, label="point estimate's interval")
+        suffix = f", {threat}" if threat else ""
+        points = [(r["round"], r[point_key]) for r in estimated if r.get(point_key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, color="C1", ls="--" if with_point else "-",
+                    label="empirical point estimate (paper)" + suffix if with_point else "empirical (canaries)" + suffix)
+        if with_point:
+            bounds = [(r["round"], r["epsilon_est"]) for r in estimated if r.get("epsilon_est") is not None]
+            if bounds:
+                ax.plot(*zip(*bounds), marker="s", ms=3, color="C2", label="empirical: 95% lower bound" + suffix)
+        unbounded = [r["round"] for r in estimated if r.get(point_key) is None]
         if unbounded:
             ax.plot(unbounded, [top] * len(unbounded), "^", color="C3", label="empirical: unbounded")
     ax.set_ylim(0, top * 1.05)

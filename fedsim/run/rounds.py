@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -44,6 +44,7 @@ class NodeRound:
     error: str | None = None          # the failure's reason
     partition_id: int | None = None   # as the client's "fedsim" record states it
     wire: RecordDict | None = None    # the reply content as it travelled, before the codec decoded it
+    virtual_s: float | None = None    # its virtual round trip (fedsim.run.clock), when a system model is on
 
     @property
     def config(self) -> ConfigRecord:
@@ -62,6 +63,9 @@ class RoundRecord:
     started: float                         # time.perf_counter() when the round began
     row: dict[str, Any] = field(default_factory=dict)  # the metrics.jsonl row observers fill
     codec: Codec | None = None             # the upload codec that decoded the replies
+    virtual_s: float | None = None         # the round's virtual duration (fedsim.run.clock), or None
+    dispatched: list[int] = field(default_factory=list)  # asynchronous steps: nodes sent work (and so trained)
+                                                         # since the last step, beside ``nodes`` (delivered)
 
     def support(self, node: NodeRound) -> dict[str, Any] | None:
         """Per float entry, the bool mask of the coordinates ``node``'s reply carried (top-k, DGC); None when
@@ -77,6 +81,13 @@ class RoundRecord:
     @property
     def failures(self) -> list[NodeRound]:
         return [n for n in self.nodes if n.reply is None]
+
+
+class RoundClock(Protocol):
+    """Times a round on the clients' devices (``fedsim.run.clock.VirtualClock``): stamps each node's
+    virtual round trip, turns the stragglers past a deadline into failures, returns the round's duration."""
+
+    def time_round(self, nodes: list[NodeRound]) -> float: ...
 
 
 class RunStopped(RuntimeError):
@@ -160,13 +171,17 @@ def _decode_replies(nodes: list[NodeRound], codec: Codec, arrays_sent: ArrayReco
 
 def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arrays: ArrayRecord,
                num_rounds: int, timeout: float, observers: Sequence[RoundObserver],
-               train_config: ConfigRecord | None = None, first_round: int = 1) -> ArrayRecord:
+               train_config: ConfigRecord | None = None, first_round: int = 1,
+               clock: RoundClock | None = None) -> ArrayRecord:
     """Train for ``num_rounds``; returns the final global arrays. ``train_config`` is passed to
     every ``configure_train`` (defenses add settings there, as Flower's DP wrappers do).
 
     ``first_round`` > 1 continues a run (``fedsim resume``) from the arrays after round
     ``first_round - 1``: its start has happened, so ``on_start`` is not called again (the
-    observers come back from the checkpoint)."""
+    observers come back from the checkpoint).
+
+    ``clock``: the virtual clock; it times the round before the codec decodes the replies, so a
+    straggler it drops reaches neither the codec's server state nor the aggregate."""
     arrays = initial_arrays
     if first_round == 1:
         for observer in observers:
@@ -179,6 +194,10 @@ def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arra
         replies: Iterable[Message] = grid.send_and_receive(messages, timeout=timeout)
         by_node = {m.metadata.src_node_id: m for m in replies}
         nodes = [_node_round(n, sent[n], by_node.get(n), timeout) for n in sorted(sent)]
+        virtual_s = clock.time_round(nodes) if clock is not None else None
+        for node in nodes:  # the stragglers the clock dropped (a failed node's error reply stays, as before)
+            if node.reply is None and node.wire is not None:
+                del by_node[node.node_id]
         _decode_replies(nodes, codec, arrays, server_round)
         for node in nodes:  # the strategy aggregates what the codec decoded
             if node.reply is None:
@@ -196,7 +215,8 @@ def run_rounds(strategy: Strategy, grid: MeteredGrid, codec: Codec, initial_arra
             raise ModelDiverged(f"the global model diverged in round {server_round}: after aggregation {bad} holds "
                                 f"NaN or inf; stopping (a smaller train.lr or server step may help)")
         record = RoundRecord(server_round, arrays, nodes, new_arrays if new_arrays is not None else arrays,
-                             dict(metrics or {}), bytes_up, bytes_down, started, {"round": server_round}, codec)
+                             dict(metrics or {}), bytes_up, bytes_down, started, {"round": server_round}, codec,
+                             virtual_s)
         arrays = record.arrays
         for observer in observers:
             observer.on_round(record)

@@ -67,7 +67,8 @@ class _Strict(BaseModel):
 
 
 class PartitionConfig(_Strict):
-    name: Literal["iid", "dirichlet", "inner_dirichlet", "pathological", "shards"] = "iid"
+    name: Literal["iid", "dirichlet", "inner_dirichlet", "pathological", "shards"] = Field(
+        "iid", description="how the training set is split over clients (flwr-datasets' partitioners)")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, inner_dirichlet)")
     classes_per_client: int = Field(2, ge=1, description="k classes per client (pathological)")
     shards_per_client: int = Field(2, ge=1, description="shards per client (shards)")
@@ -75,31 +76,35 @@ class PartitionConfig(_Strict):
 
 
 class SyntheticConfig(_Strict):
-    classes: int = Field(10, ge=2)
-    channels: int = Field(1, ge=1, le=3)
-    size: int = Field(16, ge=4, le=64)
-    train: int = Field(2000, ge=10)
-    test: int = Field(500, ge=10)
+    classes: int = Field(10, ge=2, description="number of classes")
+    channels: int = Field(1, ge=1, le=3, description="image channels")
+    size: int = Field(16, ge=4, le=64, description="image side in pixels")
+    train: int = Field(2000, ge=10, description="training images")
+    test: int = Field(500, ge=10, description="test images (the central evaluation)")
 
 
 class DataConfig(_Strict):
-    dataset: Literal["digits", "synthetic", "patches", "mnist", "cifar10"] = "digits"
-    root: str | None = None
-    source: Literal["local", "hub"] = "local"
-    image_size: int | None = Field(None, ge=IMAGE_SIZE_MIN, le=256)
-    num_clients: int = Field(10, ge=1)
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    dataset: Literal["digits", "synthetic", "patches", "mnist", "cifar10"] = Field(
+        "digits", description="digits: scikit-learn's, embedded; synthetic: seeded class-conditional images; "
+        "patches: 32x32 patches of two sample photographs; mnist, cifar10: local files or the hub")
+    root: str | None = Field(None, description="folder holding MNIST IDX files or CIFAR-10 python batches")
+    source: Literal["local", "hub"] = Field("local", description="hub: mnist/cifar10 through flwr-datasets "
+                                            "(needs the network)")
+    image_size: int | None = Field(None, ge=IMAGE_SIZE_MIN, le=256, description="resize images to this side")
+    num_clients: int = Field(10, ge=1, description="clients the training set is split over")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="each client's validation split")
     partition: PartitionConfig = PartitionConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
 class ModelConfig(_Strict):
-    name: Literal["mlp", "lenet", "cnn", "resnet18"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [256])
-    dropout: float = Field(0.0, ge=0, lt=1)
+    name: Literal["mlp", "lenet", "cnn", "resnet18"] = Field(
+        "mlp", description="lenet: DLG's sigmoid LeNet; resnet18 with GroupNorm")
+    hidden: list[int] = Field(default_factory=lambda: [256], description="mlp: hidden layer widths")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate (0: none)")
     dropout_at: Literal["classifier", "hidden", "both"] = Field(
         "classifier", description="where dropout goes: before the classifier, after hidden blocks, or both")
-    init: Literal["default", "uniform"] = "default"
+    init: Literal["default", "uniform"] = Field("default", description="uniform: DLG's uniform(-0.5, 0.5)")
 
     @field_validator("hidden")
     @classmethod
@@ -124,6 +129,12 @@ class RayConfig(_Strict):
                                 "(RAY_ADDRESS, or a `ray start` cluster on this machine); null: a private local Ray")
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_actors: int | None = Field(None, ge=1, description="default: as many as CPUs allow")
+    vectorized: bool = Field(False, description="each actor trains its share of a round's clients together, as engine "
+                             "vectorized does (in chunks of engine.vectorized.chunk; what it refuses, this refuses)")
+    num_gpus_per_client: float = Field(0.0, ge=0, description="GPUs per client actor (fractions share one: 0.25 is "
+                                       "four actors a GPU); 0: Ray hides the GPUs from the actors")
+    num_gpus_audit: float | None = Field(None, ge=0, description="the audit actor's GPU share (default: a client "
+                                         "actor's, num_gpus_per_client)")
 
     @field_validator("address")
     @classmethod
@@ -153,6 +164,41 @@ class EngineConfig(_Strict):
     torch_threads: int = Field(
         1, ge=1, le=TORCH_THREADS_MAX, description="torch intra-op threads per client process; 1 is fastest for small models "
         "and gives bit-identical results on every engine")
+    device: str = Field("auto", description="where every engine, the central evaluation and the audit compute: auto "
+                        "(cuda if torch sees one, else mps, else cpu), cpu, cuda, cuda:N or mps (fedsim.world.device)")
+
+    @field_validator("device")
+    @classmethod
+    def _device_seen(cls, v: str) -> str:
+        """A device torch does not see here is refused now, not at the first client call."""
+        return _checked_device(("engine", "device"), v)
+
+    @model_validator(mode="after")
+    def _gpus_for_ray(self) -> "EngineConfig":
+        # Ray hides the CUDA GPUs from an actor given no GPU share: a named one would fail in every client call.
+        if self.name == "ray" and self.device.startswith("cuda") and self.ray.num_gpus_per_client == 0:
+            raise _PathError(("engine", "ray", "num_gpus_per_client"), f"engine.device {self.device} on engine ray "
+                             f"needs a GPU share per client actor (> 0, fractions allowed; 0 hides the GPUs)")
+        if self.name == "ray" and _gpu_index(self.device) > 0:
+            raise _PathError(("engine", "device"), _RAY_INDEX)
+        return self
+
+
+# A Ray actor sees only the GPU (or the share of one) Ray gives it, as cuda:0.
+_RAY_INDEX = "on engine ray each actor sees only the GPU Ray assigns it (as cuda:0): use cuda or auto"
+
+
+def _gpu_index(name: str) -> int:
+    return int(name.partition(":")[2] or 0) if name.startswith("cuda") else 0
+
+
+def _checked_device(loc: tuple[str, ...], name: str) -> str:
+    from ..world.device import device_problem
+
+    problem = device_problem(name)
+    if problem is not None:
+        raise _PathError(loc, problem)
+    return name
 
 
 class OutputConfig(_Strict):
@@ -169,6 +215,21 @@ class OutputConfig(_Strict):
     progress: bool = True
     checkpoint_every: int = Field(1, ge=0, description="write the run's checkpoint every N rounds (and after the "
                                   "last) for `fedsim resume`; 0: never")
+    trackers: list[str] = Field(default_factory=list, description="experiment trackers that report the run "
+                                "(fedsim.trackers): mlflow, tensorboard")
+
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        from ..trackers import TRACKERS  # the registry; a leaf, so no import cycle
+
+        for name in v:
+            if name not in TRACKERS:
+                raise _PathError(("output", "trackers"), f"unknown tracker {short(name)}; allowed: "
+                                 f"{', '.join(TRACKERS)}")
+        if len(set(v)) < len(v):
+            raise _PathError(("output", "trackers"), f"a tracker is listed twice ({', '.join(v)})")
+        return v
 
 
 class AuditConfig(_Strict):
@@ -187,9 +248,27 @@ class AuditConfig(_Strict):
     sketch_space: bool = Field(True, description="update threat through a codec with a space of its own: match "
                                "the simulated update mapped there (S u(x')) against what travelled (the server knows "
                                "S); false: the decoded upload (S^T y)")
-    membership: Literal["none", "loss"] = Field(
+    membership: Literal["none", "loss", "lira"] = Field(
         "none", description="membership inference on the attacked model beside the reconstruction: loss (Yeom et "
-        "al.'s loss threshold; AUC and TPR at 0.1% FPR in audit.jsonl, fedsim.audit.membership)")
+        "al.'s loss threshold; AUC and TPR at 0.1% FPR in audit.jsonl, fedsim.audit.membership) or lira (offline "
+        "LiRA, Carlini et al. 2022, with shadow models fedsim trains: fedsim.audit.lira; update threat only)")
+    membership_shadows: int = Field(8, ge=2, description="lira: shadow (OUT) models trained per audited round "
+                                    "and client")
+    device: str | None = Field(None, description="where the attacks compute (auto, cpu, cuda, cuda:N, mps); "
+                               "default: engine.device")
+
+    @field_validator("device")
+    @classmethod
+    def _device_seen(cls, v: str | None) -> str | None:
+        return v if v is None else _checked_device(("audit", "device"), v)
+
+    @model_validator(mode="after")
+    def _lira_needs_an_update(self) -> "AuditConfig":
+        if self.membership == "lira" and self.threat != "update":
+            raise _PathError(("audit", "membership"), "lira needs threat: update (its shadows replay a client's "
+                             "round of local training; the gradient threat attacks the global model, which no "
+                             "such round produced)")
+        return self
 
     @field_validator("clients")
     @classmethod
@@ -220,6 +299,57 @@ class PrivacyConfig(_Strict):
     delta: float | None = Field(None, gt=0, lt=1, description="delta of the estimate (default: that defense's, "
                                 "else 1e-5)")
     bootstrap: int = Field(100, ge=0, description="bootstrap resamples of the canaries for the interval; 0: none")
+
+
+class DistributionConfig(_Strict):
+    """A per-client quantity of the system model, drawn (seeded) from a named distribution: ``constant``
+    (``value``), ``uniform`` (``low``, ``high``) or ``lognormal`` (``median``, ``sigma``: the log's
+    standard deviation). A bare number is a constant (``fedsim.world.system``)."""
+
+    dist: Literal["constant", "uniform", "lognormal"] = "constant"
+    value: float | None = Field(None, gt=0, description="constant")
+    low: float | None = Field(None, gt=0, description="uniform")
+    high: float | None = Field(None, gt=0, description="uniform")
+    median: float | None = Field(None, gt=0, description="lognormal")
+    sigma: float = Field(0.5, ge=0, description="lognormal: standard deviation of the log")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_constant(cls, v: Any) -> Any:
+        return {"dist": "constant", "value": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DistributionConfig":
+        needs = {"constant": ("value",), "uniform": ("low", "high"), "lognormal": ("median",)}[self.dist]
+        missing = [k for k in needs if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"{self.dist} needs {' and '.join(missing)}")
+        if self.dist == "uniform" and self.high < self.low:
+            raise ValueError(f"uniform needs low <= high (got {self.low:g} > {self.high:g})")
+        return self
+
+
+class SystemConfig(_Strict):
+    """Device heterogeneity for the virtual clock (``fedsim.world.system``, docs/time.md): per client a
+    compute speed and a link, drawn from the distributions here (seeded) or read from a CSV trace."""
+
+    step_s: DistributionConfig = Field(DistributionConfig(value=0.05), description="seconds per local step")
+    latency_s: DistributionConfig = Field(DistributionConfig(value=0.05), description="one-way link latency")
+    down_mbps: DistributionConfig = Field(DistributionConfig(value=20.0), description="downlink, Mbit/s")
+    up_mbps: DistributionConfig = Field(DistributionConfig(value=5.0), description="uplink, Mbit/s")
+    trace: str | None = Field(None, description="CSV of devices (columns step_s, latency_s, down_mbps, up_mbps), "
+                              "one a row: client i gets row i mod rows; replaces the distributions")
+    correlate: Literal["none", "label"] = Field("none", description="label: the slowest devices go to the clients "
+                                                "holding the largest share of slow_classes")
+    slow_classes: list[int] = Field(default_factory=list, description="the classes slow devices hold (correlate: label)")
+
+    @model_validator(mode="after")
+    def _classes_named(self) -> "SystemConfig":
+        if self.correlate == "label" and not self.slow_classes:
+            raise ValueError("correlate: label needs slow_classes (the classes the slow devices hold)")
+        if any(c < 0 for c in self.slow_classes):
+            raise ValueError("slow_classes must be class indices >= 0")
+        return self
 
 
 def _refuse_nonfinite(loc: tuple[str, ...], values: Any) -> None:
@@ -323,7 +453,7 @@ def _upload_section(v: Any) -> Any:
 
 class Scenario(_Strict):
     name: str = Field("scenario", description="a single folder name: runs/<name>/ holds the results")
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="one seed: identical metrics run to run and engine to engine")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     strategy: StrategyConfig = StrategyConfig()
@@ -333,6 +463,8 @@ class Scenario(_Strict):
                          "registry's, defenses.registry), or a list of them applied in order")
     audit: Literal["none"] | AuditConfig = Field("none", description="none, or the per-round privacy audit")
     privacy: Literal["none"] | PrivacyConfig = Field("none", description="none, or empirical privacy by canaries")
+    system: Literal["none"] | SystemConfig = Field("none", description="none, or the devices of the virtual clock "
+                                                   "(docs/time.md)")
     engine: EngineConfig = EngineConfig()
     output: OutputConfig = OutputConfig()
 
@@ -394,8 +526,40 @@ class Scenario(_Strict):
             return AuditConfig(**v)
         except ValidationError as exc:
             err = exc.errors()[0]
+            if isinstance((err.get("ctx") or {}).get("error"), _PathError):  # a validator's own line (audit.device)
+                raise err["ctx"]["error"] from None
             loc = [str(p) for p in err["loc"] if not isinstance(p, int) or err["loc"][0] != "clients"]
             raise _PathError(("audit", *loc[:1]), _describe(err, AuditConfig)) from None
+
+    @field_validator("system", mode="before")
+    @classmethod
+    def _system(cls, v: Any) -> Any:
+        if v is None or v == "none":
+            return "none"
+        if not isinstance(v, dict):
+            raise _PathError(("system",), "none, or a mapping (step_s, latency_s, down_mbps, up_mbps, trace, "
+                             "correlate, slow_classes)")
+        try:
+            return SystemConfig(**v)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = tuple(str(p) for p in err["loc"])
+            model = DistributionConfig if len(loc) > 1 else SystemConfig
+            raise _PathError(("system", *loc), _describe(err, model)) from None
+
+    @model_validator(mode="after")
+    def _system_fits(self) -> "Scenario":
+        """``train.deadline_s`` runs on the virtual clock; slow classes exist (a codec's own rules on a
+        deadline are its ``check``'s)."""
+        if self.train.deadline_s is not None and self.system == "none":
+            raise _PathError(("train", "deadline_s"), "needs a system section (the devices whose virtual time the "
+                             "deadline cuts; docs/time.md)")
+        if self.system != "none" and self.system.slow_classes:
+            classes = self.data.synthetic.classes if self.data.dataset == "synthetic" else 10
+            if max(self.system.slow_classes) >= classes:
+                raise _PathError(("system", "slow_classes"), f"class {max(self.system.slow_classes)} does not exist "
+                                 f"({self.data.dataset} has {classes} classes)")
+        return self
 
     @model_validator(mode="after")
     def _audit_fits(self) -> "Scenario":
@@ -515,11 +679,24 @@ class Scenario(_Strict):
     @model_validator(mode="after")
     def _engine_fits(self) -> "Scenario":
         """What the chosen engine cannot run is refused here, in one line (``fedsim.engines.vectorized``)."""
-        if self.engine.name == "vectorized":
+        if self.engine.name == "vectorized" or (self.engine.name == "ray" and self.engine.ray.vectorized):
             found = _vectorized_refusal(self)
             if found is not None:
                 raise _PathError(*found)
+        ray = self.engine.ray
+        if self.engine.name == "ray" and self.audit != "none" and _gpu_index(self.audit_device()) > 0:
+            raise _PathError(("audit", "device"), _RAY_INDEX)
+        if self.engine.name == "ray" and self.audit != "none" and self.audit_device().startswith("cuda"):
+            if (ray.num_gpus_audit if ray.num_gpus_audit is not None else ray.num_gpus_per_client) == 0:
+                raise _PathError(("engine", "ray", "num_gpus_audit"), f"the audit computes on {self.audit_device()} "
+                                 f"but its Ray actor has no GPU share (> 0, fractions allowed; default: "
+                                 f"num_gpus_per_client)")
         return self
+
+    def audit_device(self) -> str:
+        """Where the audit's attacks compute: ``audit.device``, else ``engine.device``."""
+        device = None if self.audit == "none" else self.audit.device
+        return device if device is not None else self.engine.device
 
     def strategy_params(self) -> BaseModel:
         from strategies import get_strategy
@@ -547,6 +724,10 @@ class Scenario(_Strict):
         data = self.model_dump(mode="json")
         if data.get("privacy") == "none":
             del data["privacy"]  # a scenario without it reads as before the section existed (checkpoints compare it)
+        if data.get("system") == "none":  # likewise the virtual clock's sections
+            del data["system"]
+        if data["train"].get("deadline_s") is None:
+            data["train"].pop("deadline_s", None)
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -559,16 +740,20 @@ def _vectorized_refusal(scenario: Any) -> tuple[tuple[str, ...], str] | None:
     from defenses.base import ClientDefense
     from strategies import get_strategy, strategy_names
 
+    if scenario.engine.name == "vectorized":
+        engine, key, instead = "engine vectorized", ("engine", "name"), "use engine inline or ray"
+    else:  # a Ray actor's share trained together
+        engine, key, instead = "engine.ray.vectorized", ("engine", "ray", "vectorized"), "set engine.ray.vectorized: false"
     if scenario.strategy.name not in strategy_names():
         return None  # the strategy validator names it
     spec = get_strategy(scenario.strategy.name)
     if spec.vector_rule is None:
         able = [n for n in strategy_names() if get_strategy(n).vector_rule is not None]
-        return (("engine", "name"), f"vectorized trains only strategies with a vectorised local rule "
-                f"({', '.join(able)}); {scenario.strategy.name}'s local rule has none: use engine inline or ray")
+        return (key, f"{engine} trains only strategies with a vectorised local rule "
+                f"({', '.join(able)}); {scenario.strategy.name}'s local rule has none: {instead}")
     why = spec.vector_rule.unsupported(scenario.strategy_params())
     if why:
-        return (("strategy",), f"{scenario.strategy.name} on engine vectorized: {why}")
+        return (("strategy",), f"{scenario.strategy.name} on {engine}: {why}")
     blocks = scenario.defenses()
     for i, block in enumerate(blocks):
         client = DEFENSES[block.name].Client
@@ -577,20 +762,20 @@ def _vectorized_refusal(scenario: Any) -> tuple[tuple[str, ...], str] | None:
         at = ("defense", *((str(i),) if len(blocks) > 1 else ()), "name")
         if client.private_training is not ClientDefense.private_training:
             return (at, f"{block.name} runs each client's local training itself (its own sampler and per-sample "
-                    f"steps), which engine vectorized does not; use engine inline or ray")
+                    f"steps), which {engine} does not; {instead}")
         if client.wrap_call is not ClientDefense.wrap_call:
-            return (at, f"{block.name} wraps each client's whole call, which engine vectorized does not make "
-                    f"(it trains a chunk of clients in one call); use engine inline or ray")
+            return (at, f"{block.name} wraps each client's whole call, which {engine} does not make "
+                    f"(it trains a chunk of clients in one call); {instead}")
     model = scenario.nominal_model()
     if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
-        return (("model", "dropout"), "engine vectorized refuses dropout: each client draws its masks from its own "
-                "seeded generator in turn, which one vmap over clients does not reproduce; set model.dropout: 0 "
-                "or use engine inline or ray")
+        return (("model", "dropout"), f"{engine} refuses dropout: each client draws its masks from its own "
+                f"seeded generator in turn, which one vmap over clients does not reproduce; set model.dropout: 0 "
+                f"or {instead}")
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
-        return (("model", "name"), f"engine vectorized refuses models with buffers ({scenario.model.name}: "
+        return (("model", "name"), f"{engine} refuses models with buffers ({scenario.model.name}: "
                 f"{', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''}; BatchNorm statistics change in "
-                f"the forward pass); use engine inline or ray")
+                f"the forward pass); {instead}")
     return None
 
 

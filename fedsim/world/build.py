@@ -28,7 +28,9 @@ from ..scenario.schema import DataConfig, ModelConfig, Scenario, scenario_from_t
 # and, per round and client, TernGrad's rounding and the sketch's noise), 8 DP-SGD's Poisson batches
 # and 9 its gradient noise (defenses.dp_sgd; both keyed by the client's stream-2 seed of the round, so
 # by (seed, round, partition id)), 10 the upload noise defense (defenses.upload_transforms; by (seed,
-# round, partition id), plus 1 for the audit's gradient query).
+# round, partition id), plus 1 for the audit's gradient query), 11 the system model's devices
+# (fedsim.world.system), 12 the asynchronous loop's choice of clients (fedsim.run.async_rounds), 13 the
+# attack seeds of staleness: invert (fedsim.run.stale_inversion; by step and partition id).
 MODEL_STREAM, SPLIT_STREAM = 3, 4
 
 

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..records import to_record, to_torch
+from ..rules import RuleViolation
 from .codec import PAYLOAD, AuditRequest, AuditView, CodecContext, DeltaCodec, float_keys, rebuild
 from .sign import SignCodec
 from .terngrad import TernGradCodec
@@ -68,13 +69,23 @@ class EstimateCodec(DeltaCodec):
     def support(self, content, sent):
         return None  # sent + estimate: every coordinate the client ever sent
 
+    @classmethod
+    def check(cls, params, scenario, at=("upload",)) -> None:
+        """No ``train.deadline_s``: a straggler's reply, dropped before the codec decodes it (docs/time.md),
+        would move the client's estimate and not the server's, and the two would drift apart for good."""
+        super().check(params, scenario, at)
+        if getattr(scenario.train, "deadline_s", None) is not None:
+            raise RuleViolation(("train", "deadline_s"), f"{cls.name} keeps each client's estimate on both sides; "
+                                f"a straggler dropped at the deadline would move only the client's copy: use "
+                                f"another codec or no deadline")
+
 
 class Ef21Codec(EstimateCodec):
     name = "ef21"
     Params = Ef21Params
 
     def encode_vector(self, delta, sizes, state, ctx):
-        g = to_torch(state[STATE])["g"] if STATE in state else None
+        g = to_torch(state[STATE], delta.device)["g"] if STATE in state else None
         if g is None or g.numel() != delta.numel():
             g = torch.zeros_like(delta)
         payload = self.inner.encode_vector(delta - g, sizes, state, ctx)
