@@ -45,15 +45,11 @@ class FedAsyncStrategy(AsyncStrategy):
         return to_record(mix(to_torch(arrays), to_torch(update.content["arrays"]), alpha)), {"alpha": alpha}
 
 
-def _check(params: FedAsyncParams, scenario, at: tuple[str, ...]) -> None:
-    check_async(params, scenario, at)
-
-
 SPEC = StrategySpec(
     name="fedasync",
     params=FedAsyncParams,
     server=lambda params, settings: FedAsyncStrategy(settings, params),
     client=FedAvgClient,
-    check=_check,
+    check=check_async,
     vector_rule=VectorRule,
 )

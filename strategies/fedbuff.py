@@ -47,15 +47,11 @@ class FedBuffStrategy(AsyncStrategy):
         return apply_delta(arrays, step), {}
 
 
-def _check(params: FedBuffParams, scenario, at: tuple[str, ...]) -> None:
-    check_async(params, scenario, at)
-
-
 SPEC = StrategySpec(
     name="fedbuff",
     params=FedBuffParams,
     server=lambda params, settings: FedBuffStrategy(settings, params),
     client=FedAvgClient,
-    check=_check,
+    check=check_async,
     vector_rule=VectorRule,  # the clients run FedAvg's plain local SGD
 )

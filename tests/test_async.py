@@ -21,6 +21,7 @@ from strategies.base import ServerSettings
 from strategies.fedasync import FedAsyncParams, FedAsyncStrategy
 from strategies.records import to_record, to_torch
 from tests.conftest import small_raw
+from tests.test_virtual_clock import _recording
 
 EQUAL = {"step_s": 0.1, "latency_s": 0.05, "down_mbps": 10, "up_mbps": 10}  # every device alike
 WALL = ("wall_s", "elapsed_s")
@@ -28,18 +29,6 @@ WALL = ("wall_s", "elapsed_s")
 
 def _rows(out) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in WALL} for r in read_metrics(out)]
-
-
-def _recording(monkeypatch) -> list:
-    seen = []
-
-    class Recording(ProgressObserver):
-        def on_round(self, record):
-            super().on_round(record)
-            seen.append(record)
-
-    monkeypatch.setattr(apps, "ProgressObserver", Recording)
-    return seen
 
 
 def test_fedbuff_with_equal_round_trips_and_a_full_buffer_is_fedavg(tmp_path, monkeypatch):
